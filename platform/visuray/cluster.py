@@ -1,0 +1,49 @@
+"""Connecting to Ray: the embedded local cluster, or the cluster a submitted job runs on.
+
+Ray's token authentication (on by default for local clusters since Ray 2.59) stays on: ``ray.init()``
+generates a token into ``~/.ray/auth_token`` for an embedded cluster, and a job submitted to a cluster
+inherits ``RAY_ADDRESS`` and the cluster's token from its environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Train V2 is the API Visuray is written against (ray.train.report / get_checkpoint semantics).
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> None:
+    """Initialise Ray once: connect to ``address`` (or ``RAY_ADDRESS``), else start an embedded cluster.
+
+    ``num_cpus`` only applies to an embedded cluster; it is logical, so a small machine may declare
+    more CPUs than it has cores to let a trainer, a data pool and Serve replicas be scheduled at once.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    env_vars = {"RAY_TRAIN_V2_ENABLED": "1"}
+    if address:
+        log.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, **kwargs)
+    else:
+        log.info("starting an embedded local Ray cluster")
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=kwargs.pop("include_dashboard", False),
+            runtime_env={"env_vars": env_vars},
+            **kwargs,
+        )
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,91 @@
+"""Image decoding and preprocessing shared by ingest, training, indexing and serving.
+
+Decoding is defensive because the same code takes user uploads in the router: a decompression bomb or a
+truncated file is an :class:`ImageDecodeError` with a message a client can act on, never a crash.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
+
+# 40 megapixels: a 20,000 x 20,000 bomb (400 MP) is refused before it is decoded, a 6,000 x 6,000 camera
+# photo is accepted.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+# ImageNet statistics: timm ViTs and CNNs created with random init train fine with them too, and
+# checkpoints from pretrained weights expect them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that are not a usable image (not an image, truncated, too many pixels)."""
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode bytes into an RGB PIL image, checking the size before decoding the pixels."""
+    if not data:
+        raise ImageDecodeError("empty image data")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(
+                    f"image is {width}x{height} pixels, above the limit of {max_pixels} pixels"
+                )
+            img.load()  # a truncated file fails here, not later in a worker
+    except ImageDecodeError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"not a decodable image: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(f"corrupt or truncated image: {exc}") from None
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img
+
+
+def encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def resize_max_side(img: Image.Image, max_side: int) -> Image.Image:
+    """Downscale so the longer side is at most ``max_side`` (never upscales)."""
+    width, height = img.size
+    scale = max_side / max(width, height)
+    if scale >= 1:
+        return img
+    return img.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BICUBIC)
+
+
+def to_model_input(images: Sequence[Image.Image], img_size: int) -> torch.Tensor:
+    """Resize (shorter side), centre-crop and normalise a list of images into an (N, 3, S, S) tensor.
+
+    The one preprocessing used at evaluation, index and serving time, so that a catalog embedded by the
+    index job and a query embedded by Serve go through exactly the same pixels-to-tensor path.
+    """
+    import torch
+    from torchvision.transforms import functional as F
+
+    out = []
+    for img in images:
+        t = F.pil_to_tensor(img.convert("RGB"))
+        t = F.resize(t, img_size, antialias=True)
+        t = F.center_crop(t, [img_size, img_size])
+        out.append(t)
+    batch = torch.stack(out).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (batch - mean) / std

@@ -1,0 +1,88 @@
+"""Job specs: a YAML file whose ``job:`` key names the job, validated into that job's config model.
+
+The registry maps each job name to its config model, its runner in the library, and its thin entry
+script in ``jobs/`` (what a cluster runs when the spec is submitted). Imports are lazy so that the CLI
+stays fast and a CPU-only driver never imports a job's heavy dependencies just to list the jobs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from visuray.config import ConfigError, read_yaml, validate_config
+
+
+@dataclass(frozen=True)
+class JobKind:
+    name: str
+    config: str  # "module:ConfigClass"
+    runner: str  # "module:function" taking the validated config, returning a summary dict
+    script: str  # entry script, relative to the repository root
+    summary: str
+
+    def config_model(self) -> type[BaseModel]:
+        return _import(self.config)
+
+    def run(self, cfg: BaseModel) -> dict[str, Any]:
+        return _import(self.runner)(cfg)
+
+
+def _import(target: str) -> Any:
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+JOBS: dict[str, JobKind] = {
+    job.name: job
+    for job in [
+        JobKind(
+            "ingest",
+            "visuray.catalog.ingest:IngestConfig",
+            "visuray.catalog.ingest:run_ingest",
+            "jobs/ingest.py",
+            "image folder or images + metadata CSV -> sharded Parquet catalog",
+        ),
+        JobKind(
+            "finetune",
+            "visuray.train.finetune:FinetuneConfig",
+            "visuray.train.finetune:run_finetune",
+            "jobs/finetune.py",
+            "train an embedding model with a metric loss on Ray Train",
+        ),
+        JobKind(
+            "build_index",
+            "visuray.index.build:BuildIndexConfig",
+            "visuray.index.build:run_build_index",
+            "jobs/build_index.py",
+            "embed a catalog with Ray Data and build a FAISS index",
+        ),
+    ]
+}
+
+
+def job_kind(name: str, source: str = "<spec>") -> JobKind:
+    if name not in JOBS:
+        raise ConfigError(
+            f"invalid config in {source}:\n  job: unknown job {name!r}; known: {', '.join(JOBS)}"
+        )
+    return JOBS[name]
+
+
+def load_job_spec(path: str | Path, overrides: Sequence[str] = ()) -> tuple[JobKind, BaseModel]:
+    """Read a job spec, pick its job's config model from ``job:``, validate with overrides applied."""
+    data = read_yaml(path)
+    for item in overrides:
+        if item.split("=", 1)[0].strip() == "job":
+            data["job"] = item.split("=", 1)[1].strip()
+    name = data.get("job")
+    if not isinstance(name, str):
+        raise ConfigError(f"invalid config in {path}:\n  job: missing; name one of {', '.join(JOBS)}")
+    kind = job_kind(name, str(path))
+    cfg = validate_config(kind.config_model(), data, str(path), overrides)
+    return kind, cfg

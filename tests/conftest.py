@@ -1,0 +1,130 @@
+"""Session-wide fixtures: one embedded Ray cluster and one loopback S3 server per test session.
+
+Both are real: Ray is started with ``ray.init()`` (token authentication as the installed Ray sets it up),
+and S3 is moto's HTTP server in a subprocess, reached through s3fs over HTTP like any S3 endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU tests skip cleanly on machines without CUDA."""
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except Exception:  # torch missing or broken: no GPU tests either way
+        has_gpu = False
+    if has_gpu:
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[object]:
+    """The one embedded Ray cluster of the test session.
+
+    Logical CPUs are oversubscribed (8 on a 2-core machine) so that a Train controller, its workers, a
+    Ray Data pool and Serve replicas can be scheduled at once; the tests keep the actual work tiny.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    ctx = ray.init(
+        num_cpus=8,
+        include_dashboard=False,
+        log_to_driver=True,
+        runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}},
+    )
+    yield ctx
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A real S3 HTTP endpoint on loopback (moto's server mode) in its own process."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    env = dict(os.environ)
+    env.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        _wait_for_port(port)
+        endpoint = f"http://127.0.0.1:{port}"
+        creds = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint,
+        }
+        saved = {k: os.environ.get(k) for k in creds}
+        os.environ.update(creds)
+        yield {"endpoint_url": endpoint, "log": str(log)}
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture()
+def s3_bucket(s3_server: dict[str, str]) -> str:
+    """A fresh bucket on the loopback S3 server; returns ``s3://<bucket>``."""
+    import s3fs
+
+    name = f"visuray-test-{uuid.uuid4().hex[:10]}"
+    fs = s3fs.S3FileSystem(
+        key="testing",
+        secret="testing",
+        client_kwargs={"endpoint_url": s3_server["endpoint_url"], "region_name": "us-east-1"},
+        skip_instance_cache=True,
+    )
+    fs.mkdir(name)
+    return f"s3://{name}"
