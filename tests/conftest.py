@@ -98,7 +98,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
         creds = {
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_REGION": "us-east-1",
+            "AWS_REGION": "eu-west-1",
             "AWS_ENDPOINT_URL": endpoint,
         }
         saved = {k: os.environ.get(k) for k in creds}
@@ -123,7 +123,7 @@ def s3_bucket(s3_server: dict[str, str]) -> str:
     fs = s3fs.S3FileSystem(
         key="testing",
         secret="testing",
-        client_kwargs={"endpoint_url": s3_server["endpoint_url"], "region_name": "us-east-1"},
+        client_kwargs={"endpoint_url": s3_server["endpoint_url"], "region_name": "eu-west-1"},
         skip_instance_cache=True,
     )
     fs.mkdir(name)

@@ -1,0 +1,311 @@
+"""The ``visuray`` command line.
+
+Local work runs on an embedded Ray cluster (``visuray run``, ``ingest``, ``eval``, ``serve``, ``demo``);
+``submit`` / ``status`` / ``logs`` / ``stop`` / ``list`` talk to a cluster through the Ray Jobs API.
+Heavy imports happen inside each command so that ``visuray --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from visuray.config import ConfigError, config_to_yaml, validate_config, yaml_load
+
+log = logging.getLogger("visuray")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+# --------------------------------------------------------------------------------------------- jobs
+def job_script_main(job: str, argv: Sequence[str] | None = None) -> None:
+    """Entry point of the thin scripts in ``jobs/``: ``python jobs/<job>.py SPEC.yaml [key=value ...]``.
+
+    A submitted job passes ``--spec-from-env``: the spec, validated before submission, travels in an
+    environment variable so that the job does not depend on files outside its working_dir.
+    """
+    from visuray.cluster import ensure_ray
+    from visuray.jobspec import job_kind, load_job_spec
+    from visuray.submission import SPEC_ENV
+
+    parser = argparse.ArgumentParser(prog=f"jobs/{job}.py", description=job_kind(job).summary)
+    parser.add_argument("spec", nargs="?", help="job spec YAML (omit with --spec-from-env)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
+    parser.add_argument("--spec-from-env", action="store_true", help=f"read the spec from ${SPEC_ENV}")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        if args.spec_from_env:
+            kind = job_kind(job)
+            data = yaml_load(os.environ[SPEC_ENV])
+            overrides = [args.spec, *args.overrides] if args.spec else args.overrides
+            cfg = validate_config(kind.config_model(), data, f"${SPEC_ENV}", overrides)
+        else:
+            if not args.spec:
+                parser.error("a job spec is required")
+            kind, cfg = load_job_spec(args.spec, args.overrides)
+            if kind.name != job:
+                raise ConfigError(f"{args.spec} is a {kind.name!r} spec, not {job!r}")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    ensure_ray()
+    _print_json(kind.run(cfg))
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from visuray.cluster import ensure_ray
+    from visuray.jobspec import load_job_spec
+
+    kind, cfg = load_job_spec(args.spec, args.overrides)
+    if args.print_config:
+        print(config_to_yaml(cfg))
+        return
+    ensure_ray(num_cpus=args.num_cpus)
+    log.info("running %s job %r on the local Ray cluster", kind.name, getattr(cfg, "name", kind.name))
+    _print_json(kind.run(cfg))
+
+
+def cmd_ingest(args: argparse.Namespace) -> None:
+    from visuray.catalog.ingest import IngestConfig, run_ingest
+
+    data: dict[str, Any] = {"source": args.source, "output": args.output}
+    if args.metadata_csv:
+        data["metadata_csv"] = args.metadata_csv
+    cfg = validate_config(IngestConfig, data, "<command line>", args.overrides)
+    _print_json(run_ingest(cfg))
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    from visuray.submission import submit, wait_for
+
+    job_id = submit(args.spec, args.overrides, args.address, args.submission_id, args.with_requirements)
+    print(job_id)
+    if args.wait:
+        status = wait_for(job_id, args.address, timeout=args.timeout)
+        print(status)
+        if status != "SUCCEEDED":
+            raise SystemExit(1)
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from visuray.submission import jobs_client
+
+    info = jobs_client(args.address).get_job_info(args.job_id)
+    _print_json(
+        {
+            "job_id": args.job_id,
+            "status": str(info.status.value),
+            "message": info.message,
+            "entrypoint": info.entrypoint,
+            "metadata": info.metadata,
+            "start_time": info.start_time,
+            "end_time": info.end_time,
+        }
+    )
+
+
+def cmd_logs(args: argparse.Namespace) -> None:
+    from visuray.submission import jobs_client
+
+    client = jobs_client(args.address)
+    if not args.follow:
+        print(client.get_job_logs(args.job_id), end="")
+        return
+    import asyncio
+
+    async def follow() -> None:
+        async for lines in client.tail_job_logs(args.job_id):
+            print(lines, end="", flush=True)
+
+    asyncio.run(follow())
+
+
+def cmd_stop(args: argparse.Namespace) -> None:
+    from visuray.submission import jobs_client
+
+    stopped = jobs_client(args.address).stop_job(args.job_id)
+    print("stop requested" if stopped else "job was not running")
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    from visuray.submission import jobs_client
+
+    jobs = jobs_client(args.address).list_jobs()
+    for job in sorted(jobs, key=lambda j: j.start_time or 0):
+        meta = job.metadata or {}
+        print(f"{job.submission_id}\t{job.status.value}\t{meta.get('visuray_job', '-')}\t{job.entrypoint}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from visuray.cluster import ensure_ray
+    from visuray.evaluation.retrieval import evaluate_model_on_catalog
+
+    ensure_ray(num_cpus=args.num_cpus)
+    _print_json(evaluate_model_on_catalog(args.model, args.catalog, ks=tuple(args.k)))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import time
+
+    from visuray.cluster import ensure_ray
+    from visuray.serving import ServeAppArgs, start_serve_app
+
+    data: dict[str, Any] = {}
+    if args.config:
+        from visuray.config import read_yaml
+
+        data = read_yaml(args.config)
+    for key in ("model", "index", "catalog"):
+        if getattr(args, key):
+            data[key] = getattr(args, key)
+    app_args = validate_config(ServeAppArgs, data, args.config or "<command line>", args.overrides)
+    ensure_ray(num_cpus=args.num_cpus)
+    url = start_serve_app(app_args, host=args.host, port=args.port)
+    print(f"serving on {url} (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from visuray.demo import DemoOptions, run_demo
+
+    opts = DemoOptions(output=args.output, port=args.port, steps=args.steps, num_cpus=args.num_cpus)
+    summary = run_demo(opts)
+    print(f"\nreport: {summary['report']}")
+
+
+# ------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="visuray",
+        description="Visuray: train, index and serve visual-search models on Ray.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_: str, func: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=func)
+        return p
+
+    def add_overrides(p: argparse.ArgumentParser) -> None:
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+
+    def add_address(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--address",
+            default=None,
+            help="Ray dashboard / Jobs API address (default $RAY_DASHBOARD_ADDRESS or http://127.0.0.1:8265)",
+        )
+
+    def add_num_cpus(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--num-cpus",
+            type=int,
+            default=None,
+            help="logical CPUs of the embedded local cluster (default: the machine's cores)",
+        )
+
+    p = add("ingest", "Turn an image folder (or images + metadata CSV) into a Parquet catalog.", cmd_ingest)
+    p.add_argument("source", help="image folder: one sub-folder per class, or the images of --metadata-csv")
+    p.add_argument("output", help="catalog URI: a local path or s3://bucket/prefix")
+    p.add_argument("--metadata-csv", help="CSV with one row per image (id, image path, labels, text)")
+    add_overrides(p)
+
+    p = add("run", "Run a job spec (YAML) on the embedded local Ray cluster.", cmd_run)
+    p.add_argument("spec", help="job spec YAML; its `job:` key names the job")
+    add_overrides(p)
+    add_num_cpus(p)
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    p = add("submit", "Submit a job spec to a Ray cluster through the Jobs API.", cmd_submit)
+    p.add_argument("spec", help="job spec YAML")
+    add_overrides(p)
+    add_address(p)
+    p.add_argument("--submission-id", default=None, help="job id to use (default: Ray picks one)")
+    p.add_argument("--wait", action="store_true", help="wait for the job and exit non-zero if it fails")
+    p.add_argument("--timeout", type=float, default=24 * 3600, help="seconds to --wait")
+    p.add_argument(
+        "--with-requirements",
+        action="store_true",
+        help="install the pinned constraints.txt in the job's runtime env (clusters without the image)",
+    )
+
+    for name, help_, func in [
+        ("status", "Show a submitted job's status.", cmd_status),
+        ("logs", "Print a submitted job's logs.", cmd_logs),
+        ("stop", "Stop a submitted job.", cmd_stop),
+    ]:
+        p = add(name, help_, func)
+        p.add_argument("job_id")
+        add_address(p)
+        if name == "logs":
+            p.add_argument("-f", "--follow", action="store_true", help="stream until the job ends")
+
+    p = add("list", "List the jobs submitted to a cluster.", cmd_list)
+    add_address(p)
+
+    p = add(
+        "eval", "Retrieval evaluation (Recall@k, MAP@R, leave-one-out) of a model on a catalog.", cmd_eval
+    )
+    p.add_argument("--model", required=True, help="model checkpoint URI")
+    p.add_argument("--catalog", required=True, help="catalog URI")
+    p.add_argument("--k", type=int, nargs="+", default=[1, 5, 10], help="cut-offs for Recall@k")
+    add_num_cpus(p)
+
+    p = add("serve", "Start the Serve application (router, embedder, search) and keep it running.", cmd_serve)
+    p.add_argument("config", nargs="?", help="YAML with the app arguments (model, index, catalog, ...)")
+    p.add_argument("--model", help="model checkpoint URI")
+    p.add_argument("--index", help="index URI")
+    p.add_argument("--catalog", help="catalog URI")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_num_cpus(p)
+
+    p = add(
+        "demo",
+        "The main job: ingest the bundled sample, train, index, serve, query over HTTP, write a report.",
+        cmd_demo,
+    )
+    p.add_argument("--output", default="demo-output", help="folder for the artifacts and report.html")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port for the Serve application")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's budget)")
+    add_num_cpus(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

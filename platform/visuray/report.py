@@ -1,0 +1,144 @@
+"""Self-contained HTML reports (images inlined as base64): queries beside their neighbours, baselines."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class QueryResult:
+    name: str
+    expected: str
+    image: bytes
+    hits: list[dict[str, Any]]  # item_id, score, label, title as the router returns them
+    hit_images: list[bytes] = field(default_factory=list)
+
+
+def _img_tag(data: bytes, caption: str, ok: bool | None = None) -> str:
+    border = {True: "#2a2", False: "#c33", None: "#888"}[ok]
+    b64 = base64.b64encode(data).decode()
+    return (
+        f'<figure style="border:3px solid {border}"><img src="data:image/jpeg;base64,{b64}" width="96">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def embed_images_in_process(images: list[bytes], embed: Any, img_size: int, batch: int = 64) -> np.ndarray:
+    """Embed encoded images with a torch module in this process (for small report-side baselines)."""
+    import torch
+
+    from visuray.images import decode_image, to_model_input
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            x = to_model_input([decode_image(b) for b in images[i : i + batch]], img_size)
+            out.append(embed(x).float().numpy())
+    return np.concatenate(out)
+
+
+def raw_pixel_embedding(images: list[bytes], size: int = 16) -> np.ndarray:
+    """The trivial baseline: the image downsampled to size x size RGB, mean-centred, L2-normalised."""
+    from visuray.images import decode_image
+
+    rows = []
+    for data in images:
+        img = decode_image(data).resize((size, size))
+        v = np.asarray(img, dtype=np.float32).ravel()
+        v -= v.mean()
+        rows.append(v / (np.linalg.norm(v) + 1e-8))
+    return np.stack(rows)
+
+
+def baseline_table(catalog_uri: str, model_uri: str, model_cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """Leave-one-out retrieval by label on the catalog: raw pixels, random init, the trained model.
+
+    Protocol: every catalog item is a query against all other items; an item of the same label is a
+    hit. The same preprocessing is used for both networks; the random-init network has the trained
+    model's architecture and seed 0.
+    """
+    import torch
+
+    from visuray.catalog.readers import load_catalog_frame
+    from visuray.checkpoint import load_embedding_model
+    from visuray.evaluation.retrieval import retrieval_metrics
+    from visuray.models.embedding import EmbeddingModelConfig, build_embedding_model
+
+    frame = load_catalog_frame(catalog_uri, None, columns=["item_id", "label", "image"])
+    images, labels = list(frame["image"]), list(frame["label"])
+    cfg = EmbeddingModelConfig.model_validate(model_cfg)
+    torch.manual_seed(0)
+    random_model = build_embedding_model(cfg).eval()
+    trained, _ = load_embedding_model(model_uri)
+    trained.eval()
+    candidates = {
+        "raw pixels (16x16 RGB)": raw_pixel_embedding(images),
+        "random init (same ViT)": embed_images_in_process(images, random_model, cfg.backbone.img_size),
+        "trained (triplet)": embed_images_in_process(images, trained, cfg.backbone.img_size),
+    }
+    rows = []
+    for name, vectors in candidates.items():
+        m = retrieval_metrics(vectors, labels, ks=(1, 5))
+        rows.append(
+            {"embedding": name, "recall@1": m["recall@1"], "recall@5": m["recall@5"], "map@r": m["map@r"]}
+        )
+    return rows
+
+
+def write_report(
+    path: str | Path,
+    results: list[QueryResult],
+    baselines: list[dict[str, Any]] | None = None,
+    facts: dict[str, Any] | None = None,
+    title: str = "Visuray demo report",
+) -> Path:
+    path = Path(path)
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:4px;"
+        "text-align:center;font-size:11px;vertical-align:top}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px}.row{margin:8px 0}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    if facts:
+        parts.append("<h2>Run</h2><table>")
+        for key, value in facts.items():
+            shown = json.dumps(value) if isinstance(value, dict | list) else str(value)
+            parts.append(f"<tr><th>{html.escape(key)}</th><td>{html.escape(shown)}</td></tr>")
+        parts.append("</table>")
+    if baselines:
+        parts.append(
+            "<h2>Retrieval quality (leave-one-out over the catalog, same label = hit)</h2>"
+            "<table><tr><th>embedding</th><th>Recall@1</th><th>Recall@5</th><th>MAP@R</th></tr>"
+        )
+        for row in baselines:
+            parts.append(
+                f"<tr><td>{html.escape(row['embedding'])}</td><td>{row['recall@1']:.3f}</td>"
+                f"<td>{row['recall@5']:.3f}</td><td>{row['map@r']:.3f}</td></tr>"
+            )
+        parts.append("</table>")
+    if results:
+        agree = sum(r.hits[0]["label"] == r.expected for r in results if r.hits) / len(results)
+        parts.append(
+            f"<h2>Queries over HTTP ({len(results)}; top-1 label agreement {agree:.2f})</h2>"
+            "<p>Green: neighbour has the query's class; red: it does not.</p>"
+        )
+    for r in results:
+        parts.append("<div class='row'>")
+        parts.append(_img_tag(r.image, f"query: {r.expected}"))
+        parts.append("&rarr;")
+        for hit, data in zip(r.hits, r.hit_images, strict=False):
+            caption = f"{hit.get('label')} {hit['score']:.3f}"
+            parts.append(_img_tag(data, caption, hit.get("label") == r.expected))
+        parts.append("</div>")
+    parts.append("</body></html>")
+    path.write_text("\n".join(parts))
+    return path
