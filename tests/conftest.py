@@ -63,6 +63,7 @@ def ray_cluster() -> Iterator[object]:
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     ctx = ray.init(
+        address="local",  # always a new embedded cluster, even when a `ray start` cluster runs here
         num_cpus=8,
         include_dashboard=False,
         log_to_driver=True,

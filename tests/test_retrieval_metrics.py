@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from visuray.evaluation.retrieval import retrieval_metrics
 
 pytestmark = pytest.mark.unit

@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+
 from visuray.storage import (
     LATEST_NAME,
     ArtifactError,

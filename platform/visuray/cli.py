@@ -300,11 +300,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    from visuray.errors import VisurayError
+
     try:
         args.func(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except (VisurayError, FileNotFoundError) as exc:
+        # Bad input (a folder of corrupt images, a missing artifact): say what is wrong, no traceback
+        # unless -v asks for it.
+        if args.verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, **kwargs
     else:
         log.info("starting an embedded local Ray cluster")
         ray.init(
+            address="local",  # a new embedded cluster, never one that `ray start` left on this machine
             num_cpus=num_cpus,
             include_dashboard=kwargs.pop("include_dashboard", False),
             runtime_env={"env_vars": env_vars},

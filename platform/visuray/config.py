@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from visuray.errors import VisurayError
+
 T = TypeVar("T", bound=BaseModel)
 
 
@@ -40,7 +42,7 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
-class ConfigError(ValueError):
+class ConfigError(VisurayError, ValueError):
     """A config file or override that cannot be used; the message names the key and its source."""
 
 

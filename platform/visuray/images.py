@@ -46,8 +46,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             img.load()  # a truncated file fails here, not later in a worker
     except ImageDecodeError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"not a decodable image: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not a decodable image (unrecognised format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"image refused as a decompression bomb: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"corrupt or truncated image: {exc}") from None
     if img.mode != "RGB":

@@ -35,6 +35,7 @@ import fsspec
 
 from visuray import __version__
 from visuray.config import StrictModel
+from visuray.errors import VisurayError
 
 MANIFEST_NAME = "MANIFEST.json"
 LATEST_NAME = "LATEST"
@@ -69,7 +70,7 @@ class StorageOptions(StrictModel):
         return kwargs
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(VisurayError, RuntimeError):
     """An artifact is missing, unpublished, or does not match its manifest."""
 
 
@@ -105,6 +106,11 @@ def full_uri(uri: str, fs_path: str) -> str:
     if uri.startswith("s3://"):
         return "s3://" + fs_path
     return fs_path
+
+
+def absolute_uri(uri: str) -> str:
+    """``uri`` with a local path made absolute: Ray workers do not share the driver's working directory."""
+    return uri if is_remote(uri) else get_filesystem(uri)[1]
 
 
 def sha256_bytes(data: bytes) -> str:

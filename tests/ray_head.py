@@ -1,0 +1,87 @@
+"""A real Ray head started with ``ray start --head`` on loopback, with token authentication on.
+
+Used by the submission tests (and, later, multi-node tests). The head gets its own temp dir so that its
+processes can be found and ended without touching the test session's embedded cluster (``ray stop``
+would stop every Ray process on the machine).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import free_port
+
+
+@dataclass
+class RayHead:
+    gcs_address: str
+    dashboard_url: str
+    token: str
+    temp_dir: str
+    proc: subprocess.Popen[bytes]
+
+    def client_env(self, token: str | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token or self.token})
+        env.pop("RAY_ADDRESS", None)
+        return env
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        # `ray start --block` does not always take its children with it: end what runs under our temp dir
+        subprocess.run(["pkill", "-f", self.temp_dir], check=False)
+        time.sleep(1)
+        subprocess.run(["pkill", "-9", "-f", self.temp_dir], check=False)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def start_head(num_cpus: int = 2, timeout: float = 90.0) -> RayHead:
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    temp_dir = tempfile.mkdtemp(prefix="vrh-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    token = secrets.token_hex(16)
+    port, dash = free_port(), free_port()
+    env = dict(os.environ)
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_TRAIN_V2_ENABLED": "1"})
+    env.pop("RAY_ADDRESS", None)
+    log = open(Path(temp_dir) / "head.log", "wb")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(
+        [
+            ray_bin, "start", "--head", "--block",
+            f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+            "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--include-dashboard=true",
+            f"--temp-dir={temp_dir}",
+        ],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    head = RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", token, temp_dir, proc)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            head.stop()
+            raise RuntimeError(f"ray start exited: {(Path(temp_dir) / 'head.log').read_text()[-2000:]}")
+        try:
+            resp = httpx.get(
+                f"{head.dashboard_url}/api/version", headers={"Authorization": f"Bearer {token}"}, timeout=2
+            )
+            if resp.status_code == 200:
+                return head
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    head.stop()
+    raise RuntimeError("the Ray head did not come up in time")
