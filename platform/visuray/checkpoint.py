@@ -1,0 +1,151 @@
+"""Model checkpoints as published artifacts: safetensors weights plus the configs that rebuild them.
+
+A model artifact (kind ``model``) holds
+
+- ``model.safetensors``: the state dict (safetensors: no pickle, so loading runs no code),
+- ``model.yaml``: the :class:`EmbeddingModelConfig` that rebuilds the architecture,
+- ``config.yaml``: the resolved job config that produced it (for reproduction), when given,
+
+and its manifest metadata says ``model_version`` (the artifact version), ``embedding_dim``, ``task``,
+``backbone`` and ``code_version``, which the index and Serve stages record next to what they build.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from visuray import __version__
+from visuray.config import ConfigError, config_to_yaml, validate_config, yaml_load
+from visuray.models.embedding import EmbeddingModelConfig, build_embedding_model
+from visuray.storage import Artifact, ArtifactError, ArtifactWriter, StorageOptions, resolve_artifact
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+MODEL_KIND = "model"
+WEIGHTS_NAME = "model.safetensors"
+MODEL_CONFIG_NAME = "model.yaml"
+JOB_CONFIG_NAME = "config.yaml"
+BACKBONE_PREFIX = "backbone."
+
+
+class CheckpointError(ArtifactError):
+    """A checkpoint that does not fit the model it is loaded into (missing, extra or reshaped tensors)."""
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel (or similar ``.module``) wrapper."""
+    from torch import nn
+
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def state_dict_bytes(model: nn.Module) -> bytes:
+    """The model's state dict serialised with safetensors (CPU, contiguous copies)."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in unwrap_model(model).state_dict().items()}
+    return save(tensors)
+
+
+def tensors_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(data)
+
+
+def load_state_dict_strict(module: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load ``tensors`` into ``module``; any missing, unexpected or reshaped key is a :class:`CheckpointError`."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    reshaped = sorted(
+        f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)
+    )
+    problems = []
+    for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", reshaped)):
+        if keys:
+            shown = ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+            problems.append(f"{title}: {shown}")
+    if problems:
+        raise CheckpointError(f"checkpoint {source} does not fit the model: " + "; ".join(problems))
+    module.load_state_dict(dict(tensors), strict=True)
+
+
+def save_model(
+    uri: str,
+    model: nn.Module,
+    model_cfg: EmbeddingModelConfig,
+    job_cfg: BaseModel | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    options: StorageOptions | None = None,
+) -> Artifact:
+    """Publish ``model`` (DDP-wrapped or not) as a new version of the model artifact at ``uri``."""
+    with ArtifactWriter(uri, MODEL_KIND, options) as writer:
+        writer.write_bytes(WEIGHTS_NAME, state_dict_bytes(model))
+        writer.write_text(MODEL_CONFIG_NAME, config_to_yaml(model_cfg))
+        if job_cfg is not None:
+            writer.write_text(JOB_CONFIG_NAME, config_to_yaml(job_cfg))
+        meta = {
+            "task": "embedding",
+            **dict(metadata or {}),
+            # Not overridable: these describe the files just written.
+            "model_version": writer.version,
+            "embedding_dim": model_cfg.embedding_dim,
+            "backbone": model_cfg.backbone.name,
+            "img_size": model_cfg.backbone.img_size,
+            "code_version": __version__,
+            "format": "safetensors",
+        }
+        return writer.publish(meta)
+
+
+def resolve_model(uri: str, options: StorageOptions | None = None) -> Artifact:
+    """The published model artifact at ``uri`` (root or version folder); other kinds are refused."""
+    artifact = resolve_artifact(uri, options)
+    if artifact.manifest.kind != MODEL_KIND:
+        raise ArtifactError(f"{uri} is a {artifact.manifest.kind!r} artifact, not a {MODEL_KIND!r}")
+    return artifact
+
+
+def read_model_config(artifact: Artifact) -> EmbeddingModelConfig:
+    data = yaml_load(artifact.read(MODEL_CONFIG_NAME).decode())
+    try:
+        return validate_config(EmbeddingModelConfig, data or {}, f"{artifact.uri}/{MODEL_CONFIG_NAME}")
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
+def load_embedding_model(
+    uri: str, options: StorageOptions | None = None, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, Artifact]:
+    """Rebuild the model from ``model.yaml`` and load its checksum-verified weights (strictly), in eval mode."""
+    artifact = resolve_model(uri, options)
+    model = build_embedding_model(read_model_config(artifact))
+    load_state_dict_strict(model, tensors_from_bytes(artifact.read(WEIGHTS_NAME)), artifact.uri)
+    return model.to(map_location).eval(), artifact
+
+
+def load_backbone_weights(
+    backbone: nn.Module, uri: str, options: StorageOptions | None = None, prefix: str = BACKBONE_PREFIX
+) -> Artifact:
+    """Initialise ``backbone`` from the ``backbone.*`` tensors of the model artifact at ``uri``.
+
+    The projection (and any other head) of that checkpoint is ignored, so a model trained with another
+    embedding size or head still initialises a new model's backbone; the backbone itself must match.
+    """
+    artifact = resolve_model(uri, options)
+    tensors = tensors_from_bytes(artifact.read(WEIGHTS_NAME))
+    picked = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not picked:
+        raise CheckpointError(f"checkpoint {artifact.uri} holds no tensors under {prefix!r}")
+    load_state_dict_strict(unwrap_model(backbone), picked, f"{artifact.uri} ({prefix}*)")
+    return artifact

@@ -1,0 +1,70 @@
+"""Backbones through timm's feature contract, and the embedding model's output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from visuray.models.backbone import BackboneConfig, backbone_kwargs, create_backbone
+from visuray.models.embedding import EmbeddingModel, EmbeddingModelConfig, build_embedding_model
+
+pytestmark = pytest.mark.unit
+
+VIT = BackboneConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+CNN = BackboneConfig(name="resnet18", img_size=32, patch_size=None, depth=None)
+
+
+@pytest.mark.parametrize("backbone", [VIT, CNN], ids=["vit", "resnet18"])
+@pytest.mark.parametrize("projection", ["linear", "mlp"])
+def test_embeddings_are_unit_vectors_of_the_configured_size(
+    backbone: BackboneConfig, projection: str
+) -> None:
+    torch.manual_seed(0)
+    model = build_embedding_model(
+        EmbeddingModelConfig(backbone=backbone, embedding_dim=24, projection=projection)
+    )
+    assert isinstance(model, EmbeddingModel)
+    out = model(torch.randn(3, 3, 32, 32))
+    assert out.shape == (3, 24)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(3))
+    # Different images give different embeddings (the model is not collapsed at init).
+    assert (out[0] - out[1]).abs().max() > 1e-4
+
+
+def test_features_follow_timms_contract() -> None:
+    model = build_embedding_model(EmbeddingModelConfig(backbone=VIT, embedding_dim=16))
+    images = torch.randn(2, 3, 32, 32)
+    backbone = model.backbone
+    expected = backbone.forward_head(backbone.forward_features(images), pre_logits=True)
+    torch.testing.assert_close(model.features(images), expected)
+    assert expected.shape == (2, backbone.num_features)
+
+
+def test_vit_size_knobs_reach_the_architecture() -> None:
+    vit = create_backbone(VIT)
+    assert len(vit.blocks) == 2
+    assert vit.patch_embed.patch_size == (8, 8)
+    assert vit.patch_embed.img_size == (32, 32)
+
+
+def test_cnn_gets_no_vit_kwargs_and_vit_kwargs_on_a_cnn_are_a_clear_error() -> None:
+    assert backbone_kwargs(CNN) == {"drop_path_rate": 0.0}
+    with pytest.raises(ValueError, match="patch_size and model.backbone.depth to null"):
+        create_backbone(BackboneConfig(name="resnet18"))  # ViT defaults left on
+
+
+def test_unknown_backbone_name_is_an_error() -> None:
+    with pytest.raises(ValueError, match="not a timm registry name"):
+        create_backbone(BackboneConfig(name="vit_tinny_patch16_224"))
+
+
+def test_importing_the_configs_does_not_import_torch() -> None:
+    code = (
+        "import sys; import visuray.models, visuray.checkpoint, visuray.train.finetune; "
+        "print(sorted(m for m in ('torch', 'timm', 'ray') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

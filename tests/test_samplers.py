@@ -1,0 +1,112 @@
+"""P x K batches: shape, class balance, replacement for small classes, determinism, rank splitting."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from visuray.samplers import PKSampler
+
+pytestmark = pytest.mark.unit
+
+# 6 classes: sizes 10, 8, 6, 5, 2 (fewer than K) and 1 (a singleton); plus two unlabelled rows (-1).
+LABELS = [0] * 10 + [1] * 8 + [2] * 6 + [3] * 5 + [4] * 2 + [5] + [-1, -1]
+
+
+def _label_counts(batch: list[int]) -> Counter:
+    return Counter(LABELS[i] for i in batch)
+
+
+def test_every_batch_has_p_distinct_classes_with_k_items_each() -> None:
+    sampler = PKSampler(LABELS, p=3, k=4, num_batches=20, seed=1)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 20
+    for batch in batches:
+        assert len(batch) == 12
+        counts = _label_counts(batch)
+        assert len(counts) == 3 and set(counts.values()) == {4}
+        assert -1 not in counts  # unlabelled rows are never sampled
+
+
+def test_large_classes_are_sampled_without_and_small_ones_with_replacement() -> None:
+    sampler = PKSampler(LABELS, p=3, k=4, num_batches=40, seed=2)
+    small_repeats = 0
+    for batch in sampler:
+        for label, count in _label_counts(batch).items():
+            items = [i for i in batch if LABELS[i] == label]
+            if label in (4, 5):
+                small_repeats += 1
+                assert len(set(items)) <= {4: 2, 5: 1}[label]  # only its own items, repeated
+            else:
+                assert len(set(items)) == count  # no duplicates within a class of >= K items
+    assert small_repeats > 0
+
+
+def test_classes_are_visited_evenly() -> None:
+    sampler = PKSampler(LABELS, p=2, k=2, num_batches=30, seed=3)
+    visits = Counter(label for batch in sampler for label in set(LABELS[i] for i in batch))
+    # 60 class slots over 6 classes in shuffled passes: each class 10 times (passes may straddle batches).
+    assert set(visits) == {0, 1, 2, 3, 4, 5}
+    assert max(visits.values()) - min(visits.values()) <= 2
+
+
+def test_items_of_a_class_are_all_used_before_any_repeats() -> None:
+    labels = [0] * 8 + [1] * 8
+    sampler = PKSampler(labels, p=2, k=4, num_batches=2, seed=0)
+    used = [i for batch in sampler for i in batch]
+    assert sorted(used) == list(range(16))
+
+
+def test_deterministic_given_seed_and_epoch() -> None:
+    a = PKSampler(LABELS, p=3, k=2, num_batches=5, seed=7)
+    b = PKSampler(LABELS, p=3, k=2, num_batches=5, seed=7)
+    assert list(a) == list(b)
+    b.set_epoch(1)
+    epoch1 = list(b)
+    assert epoch1 != list(a)
+    a.set_epoch(1)
+    assert list(a) == epoch1
+    assert list(PKSampler(LABELS, p=3, k=2, num_batches=5, seed=8)) != list(
+        PKSampler(LABELS, p=3, k=2, num_batches=5, seed=7)
+    )
+
+
+def test_start_batch_skips_into_the_epoch() -> None:
+    sampler = PKSampler(LABELS, p=2, k=2, num_batches=6, seed=4)
+    full = list(sampler)
+    sampler.set_epoch(0, start_batch=4)
+    assert len(sampler) == 2
+    assert list(sampler) == full[4:]
+
+
+def test_ranks_get_disjoint_batches_of_one_global_stream() -> None:
+    world = 3
+    ranks = [
+        PKSampler(LABELS, p=3, k=2, num_batches=4, seed=5, rank=r, world_size=world) for r in range(world)
+    ]
+    per_rank = [list(s) for s in ranks]
+    assert all(len(batches) == 4 for batches in per_rank)
+    assert all(len(batch) == 6 for batches in per_rank for batch in batches)
+    # Dealt round-robin from one stream: no batch is given to two ranks.
+    global_stream = ranks[0].global_batches(0)
+    assert len(global_stream) == 12
+    for r in range(world):
+        assert per_rank[r] == global_stream[r::world]
+    as_tuples = [tuple(b) for batches in per_rank for b in batches]
+    assert len(set(as_tuples)) == len(as_tuples)
+
+
+def test_default_length_covers_the_labelled_rows_once_per_epoch() -> None:
+    assert len(PKSampler(LABELS, p=2, k=2)) == 32 // 4
+    assert len(PKSampler(LABELS, p=2, k=2, world_size=2)) == 32 // 8
+
+
+def test_invalid_arguments() -> None:
+    with pytest.raises(ValueError, match="only 6 labelled classes"):
+        PKSampler(LABELS, p=7, k=2)
+    with pytest.raises(ValueError, match="rank 2 is not in"):
+        PKSampler(LABELS, p=2, k=2, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="at least 1"):
+        PKSampler(np.array(LABELS), p=0, k=2)
