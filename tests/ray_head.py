@@ -7,6 +7,7 @@ would stop every Ray process on the machine).
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -38,19 +39,40 @@ class RayHead:
         return env
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        # `ray start --block` does not always take its children with it: end what runs under our temp dir
-        subprocess.run(["pkill", "-f", self.temp_dir], check=False)
-        time.sleep(1)
-        subprocess.run(["pkill", "-9", "-f", self.temp_dir], check=False)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        _stop_process_tree(self.proc, self.temp_dir)
 
 
-def start_head(num_cpus: int = 2, timeout: float = 90.0) -> RayHead:
+def _stop_process_tree(proc: subprocess.Popen[bytes], temp_dir: str) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    # `ray start --block` does not always take its children with it: end what runs under our temp dir
+    subprocess.run(["pkill", "-f", temp_dir], check=False)
+    time.sleep(1)
+    subprocess.run(["pkill", "-9", "-f", temp_dir], check=False)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@dataclass
+class RayWorkerNode:
+    """A second node joined to a :class:`RayHead` with ``ray start --address``; own temp dir and store."""
+
+    temp_dir: str
+    proc: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        _stop_process_tree(self.proc, self.temp_dir)
+
+
+def _resources_arg(resources: dict[str, float] | None) -> list[str]:
+    return [f"--resources={json.dumps(resources)}"] if resources else []
+
+
+def start_head(
+    num_cpus: int = 2, timeout: float = 90.0, resources: dict[str, float] | None = None
+) -> RayHead:
     ray_bin = str(Path(sys.executable).parent / "ray")
     temp_dir = tempfile.mkdtemp(prefix="vrh-", dir="/tmp")  # short: Ray's socket paths have a length limit
     token = secrets.token_hex(16)
@@ -64,7 +86,7 @@ def start_head(num_cpus: int = 2, timeout: float = 90.0) -> RayHead:
             ray_bin, "start", "--head", "--block",
             f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
             "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--include-dashboard=true",
-            f"--temp-dir={temp_dir}",
+            f"--temp-dir={temp_dir}", *_resources_arg(resources),
         ],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )  # fmt: skip
@@ -85,3 +107,38 @@ def start_head(num_cpus: int = 2, timeout: float = 90.0) -> RayHead:
         time.sleep(1)
     head.stop()
     raise RuntimeError("the Ray head did not come up in time")
+
+
+def start_worker_node(
+    head: RayHead,
+    num_cpus: int = 1,
+    resources: dict[str, float] | None = None,
+    object_store_bytes: int = 200 * 1024 * 1024,
+    timeout: float = 90.0,
+) -> RayWorkerNode:
+    """Join a second node to ``head`` on this machine: its own temp dir (so :meth:`RayWorkerNode.stop` ends
+    only its processes), its own object store, and ``resources`` (e.g. ``{"node_b": 1}``) to place work."""
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    temp_dir = tempfile.mkdtemp(prefix="vrw-", dir="/tmp")
+    log = open(Path(temp_dir) / "node.log", "wb")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(
+        [
+            ray_bin, "start", "--block", f"--address={head.gcs_address}",
+            "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+            f"--object-store-memory={object_store_bytes}", f"--temp-dir={temp_dir}",
+            *_resources_arg(resources),
+        ],
+        stdout=log, stderr=subprocess.STDOUT, env=head.client_env(),
+    )  # fmt: skip
+    node = RayWorkerNode(temp_dir, proc)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            node.stop()
+            raise RuntimeError(f"ray start exited: {(Path(temp_dir) / 'node.log').read_text()[-2000:]}")
+        # printed by `ray start` once the raylet has registered with the head's GCS
+        if "Ray runtime started" in (Path(temp_dir) / "node.log").read_text(errors="replace"):
+            return node
+        time.sleep(1)
+    node.stop()
+    raise RuntimeError("the worker node did not join the head in time")

@@ -154,10 +154,29 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from visuray.cluster import ensure_ray
-    from visuray.evaluation.retrieval import evaluate_model_on_catalog
 
     ensure_ray(num_cpus=args.num_cpus)
-    _print_json(evaluate_model_on_catalog(args.model, args.catalog, ks=tuple(args.k)))
+    if args.task == "retrieval":
+        from visuray.evaluation.retrieval import evaluate_model_on_catalog
+
+        _print_json(evaluate_model_on_catalog(args.model, args.catalog, ks=tuple(args.k)))
+        return
+    from visuray.evaluation.ssl_eval import TASKS, SSLEvalOptions, evaluate_ssl_on_catalog
+
+    opts = SSLEvalOptions(
+        k=args.knn_k,
+        temperature=args.knn_temperature,
+        test_fraction=args.test_fraction,
+        holdout_fraction=args.holdout_fraction,
+        n_way=args.ways,
+        shots=tuple(args.shots),
+        n_query=args.queries,
+        episodes=args.episodes,
+        ks=tuple(args.k),
+        seed=args.seed,
+    )
+    tasks = TASKS if args.task == "ssl" else (args.task,)
+    _print_json(evaluate_ssl_on_catalog(args.model, args.catalog, tasks, opts))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -267,11 +286,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_address(p)
 
     p = add(
-        "eval", "Retrieval evaluation (Recall@k, MAP@R, leave-one-out) of a model on a catalog.", cmd_eval
+        "eval",
+        "Evaluate a model's embeddings on a labelled catalog: retrieval (Recall@k, MAP@R, leave-one-out, "
+        "the default), weighted k-NN accuracy, few-shot episodes or zero-shot retrieval on held-out classes.",
+        cmd_eval,
     )
     p.add_argument("--model", required=True, help="model checkpoint URI")
     p.add_argument("--catalog", required=True, help="catalog URI")
+    p.add_argument(
+        "--task",
+        choices=["retrieval", "knn", "fewshot", "zeroshot", "ssl"],
+        default="retrieval",
+        help="retrieval: all classes, leave-one-out; knn: DINO's weighted k-NN on a per-class item split; "
+        "fewshot: N-way K-shot episodes on held-out classes; zeroshot: retrieval on held-out classes only; "
+        "ssl: knn + fewshot + zeroshot from one embedding pass",
+    )
     p.add_argument("--k", type=int, nargs="+", default=[1, 5, 10], help="cut-offs for Recall@k")
+    p.add_argument("--knn-k", type=int, default=20, help="neighbours for k-NN (DINO: 20)")
+    p.add_argument("--knn-temperature", type=float, default=0.07, help="vote temperature (DINO: 0.07)")
+    p.add_argument(
+        "--test-fraction", type=float, default=0.5, help="share of each class's items tested by k-NN"
+    )
+    p.add_argument(
+        "--holdout-fraction", type=float, default=0.5, help="share of classes held out for fewshot/zeroshot"
+    )
+    p.add_argument("--ways", type=int, default=5, help="N of N-way episodes")
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 5], help="K of K-shot episodes")
+    p.add_argument("--queries", type=int, default=15, help="query items per class and episode")
+    p.add_argument("--episodes", type=int, default=600, help="episodes per shot count (>= 600 for tight CIs)")
+    p.add_argument("--seed", type=int, default=0, help="split, held-out classes and episodes")
     add_num_cpus(p)
 
     p = add("serve", "Start the Serve application (router, embedder, search) and keep it running.", cmd_serve)

@@ -56,6 +56,13 @@ JOBS: dict[str, JobKind] = {
             "train an embedding model with a metric loss on Ray Train",
         ),
         JobKind(
+            "pretrain",
+            "visuray.train.pretrain:PretrainConfig",
+            "visuray.train.pretrain:run_pretrain",
+            "jobs/pretrain.py",
+            "self-supervised DINO pretraining on Ray Train with DeepSpeed ZeRO",
+        ),
+        JobKind(
             "build_index",
             "visuray.index.build:BuildIndexConfig",
             "visuray.index.build:run_build_index",
