@@ -1,0 +1,271 @@
+"""The index: FAISS numerics against brute force, publish/load round trip, and Ray Data batch embedding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from visuray.catalog.schema import CatalogRecord, write_catalog
+from visuray.checkpoint import load_embedding_model, save_model
+from visuray.images import decode_image, encode_jpeg, to_model_input
+from visuray.index.faiss_index import (
+    INDEX_FILE,
+    SearchIndex,
+    build_faiss_index,
+    fit_factory_to_data,
+    publish_index,
+)
+from visuray.models.backbone import BackboneConfig
+from visuray.models.embedding import EmbeddingModelConfig, build_embedding_model
+from visuray.storage import ArtifactError, resolve_artifact
+
+TINY_MODEL = EmbeddingModelConfig(
+    backbone=BackboneConfig(img_size=32, patch_size=8, depth=2), embedding_dim=16
+)
+
+
+# ----------------------------------------------------------------------------- shared test data
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def clustered_vectors(n: int, dim: int, clusters: int = 20, seed: int = 0) -> np.ndarray:
+    """Unit vectors around ``clusters`` centres: the shape catalog embeddings have."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim))
+    return unit_rows(centres[rng.integers(0, clusters, n)] + 0.35 * rng.standard_normal((n, dim)))
+
+
+def save_tiny_model(uri: str, seed: int = 0) -> str:
+    """A randomly initialised tiny ViT embedding model, published; returns its model_version."""
+    torch.manual_seed(seed)
+    artifact = save_model(uri, build_embedding_model(TINY_MODEL).eval(), TINY_MODEL)
+    return artifact.manifest.metadata["model_version"]
+
+
+def textured_jpeg(seed: int, size: int = 40) -> bytes:
+    """A distinct image per seed (colour blocks plus noise), so a random model still tells them apart."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (4, 4, 3)).repeat(size // 4, 0).repeat(size // 4, 1)
+    noisy = np.clip(blocks + rng.normal(0, 20, blocks.shape), 0, 255).astype(np.uint8)
+    return encode_jpeg(Image.fromarray(noisy))
+
+
+def write_test_catalog(uri: str, n: int = 24, bad_ids: tuple[str, ...] = ()) -> list[CatalogRecord]:
+    """``n`` items in 4 labels over 2 shards; items named in ``bad_ids`` get bytes that do not decode."""
+    records = [
+        CatalogRecord(
+            item_id=f"item-{i:03d}",
+            image=b"not an image" if f"item-{i:03d}" in bad_ids else textured_jpeg(i),
+            label=f"label{i % 4}",
+            category=f"cat{i % 2}",
+            title=f"Product {i}",
+            attributes={"colour": f"c{i % 3}"},
+        )
+        for i in range(n)
+    ]
+    write_catalog(records, uri, shard_rows=max(1, n // 2 + 1))
+    return records
+
+
+def brute_force_top_k(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Slow reference: every inner product, then a full sort per query."""
+    scores = np.array([[float(np.dot(q, b)) for b in base] for q in queries])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(scores, order, axis=1)
+
+
+# ------------------------------------------------------------------------------------ unit tests
+@pytest.mark.unit
+def test_flat_search_equals_brute_force() -> None:
+    base = clustered_vectors(300, 24, seed=1)
+    queries = clustered_vectors(15, 24, seed=2)
+    index = build_faiss_index(base, "Flat", "ip")
+    scores, labels = index.search(queries, 10)
+    ref_labels, ref_scores = brute_force_top_k(base, queries, 10)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+    # Ties are the only way the order may differ; with random floats there are none.
+    np.testing.assert_array_equal(labels, ref_labels)
+
+
+@pytest.mark.unit
+def test_flat_l2_search_equals_brute_force() -> None:
+    rng = np.random.default_rng(3)
+    base, queries = (
+        rng.standard_normal((200, 8)).astype(np.float32),
+        rng.standard_normal((5, 8)).astype(np.float32),
+    )
+    distances, labels = build_faiss_index(base, "Flat", "l2").search(queries, 5)
+    ref = np.array([[float(np.sum((q - b) ** 2)) for b in base] for q in queries])
+    np.testing.assert_array_equal(labels, np.argsort(ref, axis=1)[:, :5])
+    np.testing.assert_allclose(distances, np.sort(ref, axis=1)[:, :5], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("factory", ["IVF64,Flat", "IVF32,SQ8", "HNSW32"])
+def test_approximate_indexes_recall_against_flat(factory: str) -> None:
+    points = clustered_vectors(4100, 32, clusters=40, seed=4)
+    base, queries = points[:4000], points[4000:]
+    _, exact = build_faiss_index(base, "Flat", "ip").search(queries, 10)
+    _, approx = build_faiss_index(base, factory, "ip").search(queries, 10)
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)])
+    assert recall >= 0.9, f"{factory}: recall@10 {recall:.2f}"
+
+
+@pytest.mark.unit
+def test_product_quantised_index_finds_neighbours_far_above_chance() -> None:
+    # 16 floats squeezed into 8 codes of 4 bits: ranking inside a tight cluster is coarse, so the bar is
+    # "clearly better than chance" (10/1000 = 0.01), not exactness.
+    points = clustered_vectors(1050, 16, clusters=10, seed=6)
+    base, queries = points[:1000], points[1000:]
+    _, exact = build_faiss_index(base, "Flat", "ip").search(queries, 10)
+    _, approx = build_faiss_index(base, "IVF8,PQ8x4", "ip").search(queries, 10)
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)])
+    assert recall >= 0.25, f"recall@10 {recall:.2f}"
+
+
+@pytest.mark.unit
+def test_small_data_caps_ivf_lists_and_pq_bits(caplog: pytest.LogCaptureFixture) -> None:
+    assert fit_factory_to_data("IVF1024,Flat", 390, 16) == "IVF10,Flat"
+    assert fit_factory_to_data("IVF4,PQ4", 100, 16) == "IVF2,PQ4x1"
+    assert fit_factory_to_data("HNSW32", 10, 16) == "HNSW32"
+    assert fit_factory_to_data("OPQ4_16,IVF8,PQ4", 100_000, 16) == "OPQ4_16,IVF8,PQ4"
+    with pytest.raises(ValueError, match="divisible"):
+        fit_factory_to_data("IVF4,PQ5", 1000, 16)
+    with caplog.at_level("WARNING"):
+        index = build_faiss_index(clustered_vectors(200, 16), "IVF256,Flat")
+    assert "using IVF5" in caplog.text
+    assert index.ntotal == 200
+
+
+@pytest.mark.unit
+def test_publish_load_round_trip(tmp_path: Path) -> None:
+    base = clustered_vectors(120, 16, seed=5)
+    ids = [f"sku-{i}" for i in range(120)]
+    artifact = publish_index(
+        str(tmp_path / "index"),
+        build_faiss_index(base, "IVF2,Flat"),
+        ids,
+        model_version="model-v1",
+        metric="ip",
+        factory="IVF2,Flat",
+        extra_metadata={"catalog_version": "cat-v1"},
+    )
+    meta = artifact.manifest.metadata
+    assert artifact.manifest.kind == "index"
+    assert meta["model_version"] == "model-v1" and meta["dim"] == 16 and meta["count"] == 120
+    assert meta["metric"] == "ip" and meta["factory"] == "IVF2,Flat" and meta["catalog_version"] == "cat-v1"
+    assert meta["index_params"]["nlist"] == 2 and meta["index_params"]["nprobe"] == 2
+
+    loaded = SearchIndex.load(str(tmp_path / "index"))
+    assert (loaded.model_version, loaded.dim, loaded.version, len(loaded)) == (
+        "model-v1",
+        16,
+        artifact.manifest.version,
+        120,
+    )
+    found, scores = loaded.search(base[[7, 42]], 3)
+    assert [row[0] for row in found] == ["sku-7", "sku-42"]
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+    assert scores.shape == (2, 3) and scores.dtype == np.float32
+    # k above the index size returns everything, once.
+    all_ids, _ = loaded.search(base[0], 500)
+    assert sorted(all_ids[0]) == sorted(ids)
+
+
+@pytest.mark.unit
+def test_corrupted_index_file_is_refused(tmp_path: Path) -> None:
+    publish_index(
+        str(tmp_path / "index"),
+        build_faiss_index(clustered_vectors(50, 8)),
+        [str(i) for i in range(50)],
+        "m",
+        "ip",
+        "Flat",
+    )
+    path = Path(resolve_artifact(str(tmp_path / "index")).file_uri(INDEX_FILE))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        SearchIndex.load(str(tmp_path / "index"))
+
+
+@pytest.mark.unit
+def test_query_dimension_mismatch_and_bad_k_are_refused(tmp_path: Path) -> None:
+    publish_index(
+        str(tmp_path / "index"),
+        build_faiss_index(clustered_vectors(30, 8)),
+        [str(i) for i in range(30)],
+        "m-7",
+        "ip",
+        "Flat",
+    )
+    index = SearchIndex.load(str(tmp_path / "index"))
+    with pytest.raises(ValueError, match="dimension 8 .*m-7"):
+        index.search(np.ones((2, 12), dtype=np.float32), 5)
+    with pytest.raises(ValueError, match="k must be positive"):
+        index.search(np.ones(8, dtype=np.float32), 0)
+
+
+@pytest.mark.unit
+def test_publish_refuses_mismatched_or_duplicate_ids(tmp_path: Path) -> None:
+    index = build_faiss_index(clustered_vectors(4, 8))
+    with pytest.raises(ValueError, match="4 vectors but 3 ids"):
+        publish_index(str(tmp_path / "a"), index, ["a", "b", "c"], "m", "ip", "Flat")
+    with pytest.raises(ValueError, match="unique"):
+        publish_index(str(tmp_path / "b"), index, ["a", "b", "c", "a"], "m", "ip", "Flat")
+
+
+# ------------------------------------------------------------------------------------- Ray tests
+@pytest.mark.ray
+def test_embed_catalog_matches_the_model_in_process(ray_cluster: object, tmp_path: Path) -> None:
+    from visuray.index.embed import embed_catalog_with_report
+
+    records = write_test_catalog(str(tmp_path / "catalog"), n=20, bad_ids=("item-005",))
+    save_tiny_model(str(tmp_path / "model"))
+
+    result = embed_catalog_with_report(
+        str(tmp_path / "catalog"), str(tmp_path / "model"), batch_size=6, concurrency=2
+    )
+    good = [r for r in records if r.item_id != "item-005"]
+    assert result.ids == sorted(r.item_id for r in good)
+    assert set(result.skipped) == {"item-005"} and "not a decodable image" in result.skipped["item-005"]
+
+    model, _ = load_embedding_model(str(tmp_path / "model"))
+    by_id = {r.item_id: r for r in good}
+    with torch.inference_mode():
+        expected = model(to_model_input([decode_image(by_id[i].image) for i in result.ids], 32)).numpy()
+    assert result.vectors.dtype == np.float32 and result.vectors.shape == (19, 16)
+    np.testing.assert_allclose(result.vectors, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.ray
+def test_build_index_job_publishes_a_searchable_index(ray_cluster: object, tmp_path: Path) -> None:
+    from visuray.config import validate_config
+    from visuray.index.build import BuildIndexConfig, run_build_index
+
+    write_test_catalog(str(tmp_path / "catalog"), n=16)
+    version = save_tiny_model(str(tmp_path / "model"))
+    cfg = validate_config(
+        BuildIndexConfig,
+        {
+            "catalog": str(tmp_path / "catalog"),
+            "model": str(tmp_path / "model"),
+            "output": str(tmp_path / "index"),
+        },
+        overrides=["factory=HNSW32", "batch_size=8", "storage.secret=do-not-store"],
+    )
+    summary = run_build_index(cfg)
+    assert summary["count"] == 16 and summary["dim"] == 16 and summary["model_version"] == version
+    index = SearchIndex.load(str(tmp_path / "index"))
+    assert index.version == summary["version"] and index.factory == "HNSW32"
+    saved = index.artifact.read("config.yaml").decode()
+    assert "factory: HNSW32" in saved and "do-not-store" not in saved
+    assert index.artifact.manifest.metadata["catalog_uri"] == str(
+        resolve_artifact(str(tmp_path / "catalog")).uri
+    )
