@@ -53,6 +53,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     from visuray.train.finetune import FinetuneConfig, run_finetune
 
     started = time.monotonic()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the output
     out = Path(opts.output).absolute()
     out.mkdir(parents=True, exist_ok=True)
     catalog_uri, model_uri, index_uri = str(out / "catalog"), str(out / "model"), str(out / "index")
@@ -82,7 +83,10 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
 
     _banner("4/5 start the Serve application and query it over HTTP")
     url = start_serve_app(
-        ServeAppArgs(model=model_uri, index=index_uri, catalog=catalog_uri), host="127.0.0.1", port=opts.port
+        ServeAppArgs(model=model_uri, index=index_uri, catalog=catalog_uri),
+        host="127.0.0.1",
+        port=opts.port,
+        access_log=False,
     )
     results: list[QueryResult] = []
     try:

@@ -305,8 +305,11 @@ def start_serve_app(
     port: int = 8000,
     name: str = "visuray",
     timeout_s: float = 180.0,
+    access_log: bool = True,
 ) -> str:
     """Deploy the application on the connected Ray cluster and return its base URL once /healthz answers.
+
+    ``access_log=False`` keeps Serve's per-request log lines out of the console (the demo prints its own).
 
     Call :func:`visuray.cluster.ensure_ray` first. Serve's HTTP options are cluster-wide and fixed when
     Serve first starts: a Serve instance already running keeps its host and port.
@@ -316,8 +319,9 @@ def start_serve_app(
 
     from visuray.serving_app import build_app
 
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(args), name=name, route_prefix="/", blocking=False)
+    logging_config = None if access_log else {"enable_access_log": False, "log_level": "WARNING"}
+    serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
+    serve.run(build_app(args), name=name, route_prefix="/", blocking=False, logging_config=logging_config)
     base_url = f"http://{host}:{port}"
     deadline = time.monotonic() + timeout_s
     last_error = ""
