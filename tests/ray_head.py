@@ -86,7 +86,7 @@ def start_head(
             ray_bin, "start", "--head", "--block",
             f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
             "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--include-dashboard=true",
-            f"--temp-dir={temp_dir}", *_resources_arg(resources),
+            f"--temp-dir={temp_dir}", f"--ray-client-server-port={free_port()}", *_resources_arg(resources),
         ],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )  # fmt: skip
@@ -100,13 +100,24 @@ def start_head(
             resp = httpx.get(
                 f"{head.dashboard_url}/api/version", headers={"Authorization": f"Bearer {token}"}, timeout=2
             )
-            if resp.status_code == 200:
+            if resp.status_code == 200 and _job_agent_ready(head):
                 return head
         except httpx.HTTPError:
             pass
         time.sleep(1)
     head.stop()
     raise RuntimeError("the Ray head did not come up in time")
+
+
+def _job_agent_ready(head: RayHead) -> bool:
+    """The dashboard answers before its job agent does; a first trivial job proves jobs can be submitted."""
+    resp = httpx.post(
+        f"{head.dashboard_url}/api/jobs/",
+        json={"entrypoint": "true", "submission_id": f"readiness-{secrets.token_hex(4)}"},
+        headers={"Authorization": f"Bearer {head.token}"},
+        timeout=10,
+    )
+    return resp.status_code == 200
 
 
 def start_worker_node(

@@ -84,9 +84,20 @@ def submit(
     address: str | None = None,
     submission_id: str | None = None,
     with_requirements: bool = False,
+    agent_wait_s: float = 60.0,
 ) -> str:
     kwargs = build_submission(spec, overrides, with_requirements)
-    return jobs_client(address).submit_job(submission_id=submission_id, **kwargs)
+    client = jobs_client(address)
+    # A freshly started head answers before its job agent is up ("No available agent to submit job");
+    # that state passes within seconds, so wait it out instead of failing the submission.
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            return client.submit_job(submission_id=submission_id, **kwargs)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 TERMINAL_STATES = {"SUCCEEDED", "FAILED", "STOPPED"}
