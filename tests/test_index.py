@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from visuray.index.faiss_index import (
     INDEX_FILE,
     SearchIndex,
     build_faiss_index,
+    build_sharded_faiss_index,
     fit_factory_to_data,
     publish_index,
 )
@@ -269,3 +271,205 @@ def test_build_index_job_publishes_a_searchable_index(ray_cluster: object, tmp_p
     assert index.artifact.manifest.metadata["catalog_uri"] == str(
         resolve_artifact(str(tmp_path / "catalog")).uri
     )
+
+
+# ------------------------------------------------------------------------------ sharded indexes
+@pytest.mark.unit
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_sharded_flat_search_equals_unsharded(tmp_path: Path, metric: str) -> None:
+    base = clustered_vectors(250, 16, seed=8)
+    queries = clustered_vectors(12, 16, seed=9)
+    ids = [f"sku-{i:03d}" for i in range(250)]
+    for name, shard_size in (("one", None), ("sharded", 64)):
+        shards = build_sharded_faiss_index(base, "Flat", metric, shard_size=shard_size)
+        publish_index(str(tmp_path / name), shards, ids, "m-1", metric, "Flat")
+    one, sharded = SearchIndex.load(str(tmp_path / "one")), SearchIndex.load(str(tmp_path / "sharded"))
+    meta = sharded.artifact.manifest.metadata
+    assert sharded.num_shards == 4 and [s["count"] for s in meta["shards"]] == [64, 64, 64, 58]
+    assert set(sharded.artifact.manifest.files) == {f"index-{i:05d}.faiss" for i in range(4)} | {
+        "ids.parquet"
+    }
+    assert meta["count"] == 250 and meta["dim"] == 16 and len(meta["checksum"]) == 64
+    expected_ids, expected_scores = one.search(queries, 10)
+    found_ids, found_scores = sharded.search(queries, 10)
+    assert found_ids == expected_ids
+    np.testing.assert_allclose(found_scores, expected_scores, rtol=1e-6, atol=1e-6)
+    # ...and both equal the slow reference (inner product only: the reference computes dot products).
+    if metric == "ip":
+        ref_rows, ref_scores = brute_force_top_k(base, queries, 10)
+        assert found_ids == [[ids[j] for j in row] for row in ref_rows]
+        np.testing.assert_allclose(found_scores, ref_scores, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.unit
+def test_sharded_ivf_shares_one_trained_quantizer() -> None:
+    import faiss
+
+    base = clustered_vectors(2000, 16, clusters=20, seed=10)
+    shards = build_sharded_faiss_index(base, "IVF16,Flat", "ip", shard_size=700)
+    assert [s.ntotal for s in shards] == [700, 700, 600]
+    centroids = [faiss.extract_index_ivf(s).quantizer.reconstruct_n(0, 16) for s in shards]
+    for other in centroids[1:]:
+        np.testing.assert_array_equal(other, centroids[0])
+
+
+@pytest.mark.unit
+def test_publish_checksum_changes_with_content(tmp_path: Path) -> None:
+    base = clustered_vectors(40, 8)
+    first = publish_index(
+        str(tmp_path / "a"), build_faiss_index(base), [str(i) for i in range(40)], "m", "ip", "Flat"
+    )
+    same = publish_index(
+        str(tmp_path / "b"), build_faiss_index(base), [str(i) for i in range(40)], "m", "ip", "Flat"
+    )
+    other = publish_index(
+        str(tmp_path / "c"),
+        build_faiss_index(base[::-1].copy()),
+        [str(i) for i in range(40)],
+        "m",
+        "ip",
+        "Flat",
+    )
+    checksum = [a.manifest.metadata["checksum"] for a in (first, same, other)]
+    assert checksum[0] == checksum[1] != checksum[2]
+
+
+# ------------------------------------------------------------------------------------ ensembles
+def slow_combine(outputs: list[np.ndarray], weights: list[float], combine: str) -> np.ndarray:
+    """Row by row, member by member, with Python floats: the reference for combine_embeddings."""
+    total = sum(weights)
+    rows = []
+    for r in range(len(outputs[0])):
+        units = [
+            [float(v) / math.sqrt(sum(float(x) ** 2 for x in out[r])) for v in out[r]] for out in outputs
+        ]
+        if combine == "concat":
+            row = [v * math.sqrt(w / total) for u, w in zip(units, weights, strict=True) for v in u]
+        else:
+            row = [
+                sum(u[d] * w / total for u, w in zip(units, weights, strict=True))
+                for d in range(len(units[0]))
+            ]
+            norm = math.sqrt(sum(v * v for v in row))
+            row = [v / norm for v in row]
+        rows.append(row)
+    return np.array(rows)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("combine", ["concat", "mean"])
+def test_combine_embeddings_matches_slow_reference(combine: str) -> None:
+    from visuray.index.ensemble import combine_embeddings
+
+    rng = np.random.default_rng(11)
+    outputs = [rng.standard_normal((5, 6)) * 3, rng.standard_normal((5, 6))]
+    combined = combine_embeddings(outputs, [1.0, 3.0], combine)
+    np.testing.assert_allclose(combined, slow_combine(outputs, [1.0, 3.0], combine), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(combined, axis=1), 1.0, atol=1e-6)
+    if combine == "concat":  # inner product of ensemble vectors = weighted mean of member cosines
+        units = [o / np.linalg.norm(o, axis=1, keepdims=True) for o in outputs]
+        cosines = [u[0] @ u[1] for u in units]
+        assert combined[0] @ combined[1] == pytest.approx(0.25 * cosines[0] + 0.75 * cosines[1], abs=1e-5)
+
+
+@pytest.mark.unit
+def test_ensemble_version_identifies_members_weights_and_mode() -> None:
+    from visuray.index.ensemble import ensemble_version
+
+    base = ensemble_version(["a", "b"], [1, 2], "concat")
+    assert base.startswith("ensemble-") and base == ensemble_version(["a", "b"], [0.5, 1.0], "concat")
+    others = {
+        ensemble_version(["a", "b"], [1, 1], "concat"),
+        ensemble_version(["a", "b"], [1, 2], "mean"),
+        ensemble_version(["a", "c"], [1, 2], "concat"),
+        ensemble_version(["b", "a"], [2, 1], "concat"),
+    }
+    assert base not in others and len(others) == 4
+    # One member emits exactly its model's unit vectors: the ensemble is that model.
+    assert ensemble_version(["model-v7"], [0.3], "mean") == "model-v7"
+
+
+@pytest.mark.unit
+def test_embedding_ensemble_of_real_models(tmp_path: Path) -> None:
+    from visuray.index.ensemble import EmbeddingEnsemble, EnsembleMember, EnsembleSpec
+
+    versions = [save_tiny_model(str(tmp_path / f"m{i}"), seed=i) for i in range(2)]
+    spec = EnsembleSpec(
+        members=[
+            EnsembleMember(uri=str(tmp_path / "m0"), weight=1),
+            EnsembleMember(uri=str(tmp_path / "m1"), weight=2),
+        ]
+    )
+    ensemble = EmbeddingEnsemble.load(spec)
+    assert ensemble.dim == 32 and ensemble.version not in versions
+    images = [decode_image(textured_jpeg(s)) for s in range(3)]
+    outputs = []
+    for i in range(2):
+        model, _ = load_embedding_model(str(tmp_path / f"m{i}"))
+        with torch.inference_mode():
+            outputs.append(model(to_model_input(images, 32)).numpy())
+    np.testing.assert_allclose(ensemble.embed(images), slow_combine(outputs, [1, 2], "concat"), atol=1e-5)
+    single = EmbeddingEnsemble.load(EnsembleSpec(members=[EnsembleMember(uri=str(tmp_path / "m0"))]))
+    assert single.version == versions[0]
+    np.testing.assert_allclose(single.embed(images), outputs[0], atol=1e-5)
+    with pytest.raises(ValueError, match="one embedding dimension"):
+        other = EmbeddingModelConfig(backbone=TINY_MODEL.backbone, embedding_dim=8)
+        save_model(str(tmp_path / "m8"), build_embedding_model(other), other)
+        EmbeddingEnsemble.load(
+            EnsembleSpec(members=[spec.members[0], EnsembleMember(uri=str(tmp_path / "m8"))], combine="mean")
+        )
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # two Ray Data jobs (~40 s on an idle 2-core machine)
+def test_build_index_job_with_an_ensemble_shards_and_a_fusion_encoder(
+    ray_cluster: object, tmp_path: Path
+) -> None:
+    """The job embeds with the same ensemble as Serve (version recorded), shards the index, and builds
+    the composed-retrieval index with a fusion model's target encoder."""
+    from tests.test_serve import save_tiny_fusion_model
+    from visuray.config import validate_config
+    from visuray.fusion.predict import FusionPredictor
+    from visuray.index.build import BuildIndexConfig, run_build_index
+    from visuray.index.ensemble import EmbeddingEnsemble, EnsembleSpec
+
+    records = write_test_catalog(str(tmp_path / "catalog"), n=14)
+    for i in range(2):
+        save_tiny_model(str(tmp_path / f"m{i}"), seed=i)
+    ensemble = {
+        "combine": "mean",
+        "members": [{"uri": str(tmp_path / "m0")}, {"uri": str(tmp_path / "m1"), "weight": 3}],
+    }
+    common = {"catalog": str(tmp_path / "catalog"), "batch_size": 4}
+    cfg = validate_config(
+        BuildIndexConfig, {**common, "ensemble": ensemble, "output": str(tmp_path / "index"), "shard_size": 5}
+    )
+    summary = run_build_index(cfg)
+    reference = EmbeddingEnsemble.load(EnsembleSpec.model_validate(ensemble))
+    assert (
+        summary["model_version"] == reference.version and summary["num_shards"] == 3 and summary["dim"] == 16
+    )
+    index = SearchIndex.load(str(tmp_path / "index"))
+    assert index.artifact.manifest.metadata["ensemble"]["combine"] == "mean"
+    by_id = {r.item_id: r for r in records}
+    expected = reference.embed([decode_image(by_id[i].image) for i in index.ids])
+    found, scores = index.search(expected[:3], 1)
+    assert [row[0] for row in found] == index.ids[:3]
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+
+    fusion_version = save_tiny_fusion_model(str(tmp_path / "fusion"))
+    fusion_cfg = validate_config(
+        BuildIndexConfig, {**common, "fusion": str(tmp_path / "fusion"), "output": str(tmp_path / "fidx")}
+    )
+    assert run_build_index(fusion_cfg)["model_version"] == fusion_version
+    fusion_index = SearchIndex.load(str(tmp_path / "fidx"))
+    targets = FusionPredictor.load(str(tmp_path / "fusion")).encode_images(
+        [by_id[i].image for i in fusion_index.ids]
+    )
+    found, scores = fusion_index.search(targets[:2], 1)
+    assert [row[0] for row in found] == fusion_index.ids[:2]
+
+    with pytest.raises(Exception, match="one of 'model', 'ensemble' or 'fusion'"):
+        validate_config(BuildIndexConfig, {**common, "fusion": "f", "model": "m", "output": "o"})
+    with pytest.raises(Exception, match="exactly one of 'model'"):
+        validate_config(BuildIndexConfig, {**common, "output": "o"})

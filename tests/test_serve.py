@@ -1,9 +1,18 @@
-"""The Serve application over real HTTP: search, embed, items, every client mistake, version pairing."""
+"""The Serve application over real HTTP: search, embed, composed search, attributes, items, every client
+mistake, version pairing, and an index hot-swap under a stream of requests.
+
+One application (an ensemble of two tiny ViTs, a tiny fusion model, a tiny attribute model, their indexes)
+is started once per test session by :func:`shared_app` and reused by tests/test_serve_fuzz.py and
+tests/test_web.py: starting Serve is the slow part on 2 cores.
+"""
 
 from __future__ import annotations
 
 import base64
 import io
+import statistics
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +32,7 @@ from visuray.catalog.schema import CatalogRecord, write_catalog
 from visuray.checkpoint import load_embedding_model
 from visuray.config import validate_config
 from visuray.images import decode_image, encode_jpeg, to_model_input
+from visuray.index.ensemble import EmbeddingEnsemble, EnsembleMember, EnsembleSpec
 from visuray.index.faiss_index import build_faiss_index, publish_index
 from visuray.serving import IncompatibleIndexError, ServeAppArgs
 
@@ -32,6 +42,10 @@ CONFIG_FILE = REPO_ROOT / "serve" / "config.yaml"
 MAX_IMAGE_BYTES = 64 * 1024  # small limits so that the tests can exceed them cheaply
 MAX_IMAGE_PIXELS = 500_000
 MAX_K = 20
+MAX_TEXT = 200
+ATTRIBUTE_LABELS = ["red", "blue", "green"]
+ATTRIBUTE_THRESHOLDS = [0.0, 0.5, 1.01]  # always, decided by the score, never
+TEXTS = ["in red", "in blue", "with short sleeves", "same but darker", "longer and red"]
 
 
 @dataclass
@@ -39,8 +53,10 @@ class Served:
     url: str
     args: ServeAppArgs
     records: dict[str, CatalogRecord]
-    model_version: str
+    ensemble: EnsembleSpec
+    model_version: str  # the ensemble's
     index_version: str
+    fusion_version: str
     tmp: Path
 
 
@@ -50,9 +66,9 @@ def config_app_args(**replace: Any) -> dict[str, Any]:
     return {**config["applications"][0]["args"], **replace}
 
 
-def build_served_artifacts(tmp: Path) -> tuple[dict[str, CatalogRecord], str, str]:
-    """A tiny model, a 12-item catalog (one id with a slash, as folder ingest makes) and its Flat index."""
-    records = [
+def catalog_records() -> list[CatalogRecord]:
+    """12 items, one id with a slash (as folder ingest makes), over 3 shards."""
+    return [
         CatalogRecord(
             item_id=f"shirts/item-{i}" if i == 3 else f"item-{i}",
             image=textured_jpeg(100 + i),
@@ -63,62 +79,166 @@ def build_served_artifacts(tmp: Path) -> tuple[dict[str, CatalogRecord], str, st
         )
         for i in range(12)
     ]
-    write_catalog(records, str(tmp / "catalog"), shard_rows=5)
-    model_version = save_tiny_model(str(tmp / "model"))
-    model, _ = load_embedding_model(str(tmp / "model"))
-    with torch.inference_mode():
-        vectors = model(to_model_input([decode_image(r.image) for r in records], 32)).numpy()
-    index = publish_index(
-        str(tmp / "index"),
-        build_faiss_index(vectors, "Flat", "ip"),
-        [r.item_id for r in records],
-        model_version=model_version,
-        metric="ip",
-        factory="Flat",
-        extra_metadata={"catalog_uri": str(tmp / "catalog")},
+
+
+def save_tiny_fusion_model(uri: str) -> str:
+    """A randomly initialised tiny fusion model with a tokenizer trained on a few phrases; its version."""
+    from visuray.fusion.model import (
+        FusionModelConfig,
+        TextEncoderConfig,
+        build_fusion_model,
+        save_fusion_model,
     )
-    return {r.item_id: r for r in records}, model_version, index.manifest.version
+    from visuray.fusion.tokenizer import TextTokenizer, train_tokenizer
+
+    tokenizer = TextTokenizer(train_tokenizer(TEXTS * 3, vocab_size=60, min_frequency=1), max_length=16)
+    cfg = FusionModelConfig(
+        backbone=TINY_MODEL.backbone,
+        text=TextEncoderConfig(
+            width=32, depth=1, heads=2, max_length=16, dropout=0, vocab_size=tokenizer.vocab_size
+        ),
+        fusion="residual",
+        fusion_depth=1,
+        fusion_width=32,
+        fusion_heads=2,
+        fusion_dropout=0,
+        embed_dim=16,
+    )
+    torch.manual_seed(3)
+    artifact = save_fusion_model(uri, build_fusion_model(cfg).eval(), cfg, tokenizer)
+    return artifact.manifest.metadata["model_version"]
 
 
-@pytest.fixture(scope="module")
-def served(ray_cluster: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    from ray import serve
+def save_tiny_attribute_model(uri: str) -> None:
+    from visuray.attributes.export import save_attribute_model
+    from visuray.attributes.model import AttributeModelConfig, GroupHead, build_attribute_model
 
-    from visuray.serving import start_serve_app
+    cfg = AttributeModelConfig(
+        backbone=TINY_MODEL.backbone, embed_dim=16, groups=[GroupHead(name="colour", labels=ATTRIBUTE_LABELS)]
+    )
+    torch.manual_seed(4)
+    save_attribute_model(uri, build_attribute_model(cfg).eval(), cfg, ATTRIBUTE_THRESHOLDS)
 
-    tmp = tmp_path_factory.mktemp("serve")
-    records, model_version, index_version = build_served_artifacts(tmp)
+
+def publish_test_index(
+    uri: str, vectors: np.ndarray, ids: list[str], version: str, catalog: str, factory: str = "Flat"
+):
+    return publish_index(
+        uri,
+        build_faiss_index(vectors, factory, "ip"),
+        ids,
+        model_version=version,
+        metric="ip",
+        factory=factory,
+        extra_metadata={"catalog_uri": catalog},
+    )
+
+
+def build_served_artifacts(tmp: Path) -> dict[str, Any]:
+    """Catalog, a 2-model ensemble and its index, a fusion model and its target index, an attribute model."""
+    from visuray.serving_adapters import load_fusion_model
+
+    records = catalog_records()
+    write_catalog(records, str(tmp / "catalog"), shard_rows=5)
+    for i in range(2):
+        save_tiny_model(str(tmp / f"model{i}"), seed=i)
+    ensemble = EnsembleSpec(
+        members=[
+            EnsembleMember(uri=str(tmp / "model0"), weight=1),
+            EnsembleMember(uri=str(tmp / "model1"), weight=2),
+        ]
+    )
+    embedder = EmbeddingEnsemble.load(ensemble)
+    images = [decode_image(r.image) for r in records]
+    ids = [r.item_id for r in records]
+    index = publish_test_index(
+        str(tmp / "index"), embedder.embed(images), ids, embedder.version, str(tmp / "catalog")
+    )
+
+    fusion_version = save_tiny_fusion_model(str(tmp / "fusion"))
+    targets = load_fusion_model(str(tmp / "fusion")).encode_images(images)
+    publish_test_index(str(tmp / "fusion-index"), targets, ids, fusion_version, str(tmp / "catalog"))
+    save_tiny_attribute_model(str(tmp / "attributes"))
+    return {
+        "records": {r.item_id: r for r in records},
+        "ensemble": ensemble,
+        "model_version": embedder.version,
+        "index_version": index.manifest.version,
+        "fusion_version": fusion_version,
+    }
+
+
+def served_app_args(tmp: Path, **replace: Any) -> ServeAppArgs:
     small = {"num_cpus": 0.25, "num_replicas": 1}
-    args = validate_config(
+    return validate_config(
         ServeAppArgs,
         config_app_args(
-            model=str(tmp / "model"),
+            model=None,
+            ensemble={
+                "members": [
+                    {"uri": str(tmp / "model0"), "weight": 1},
+                    {"uri": str(tmp / "model1"), "weight": 2},
+                ]
+            },
             index=str(tmp / "index"),
             catalog=None,  # taken from the index manifest
+            fusion={"model": str(tmp / "fusion"), "index": str(tmp / "fusion-index"), "deployment": small},
+            attributes={"model": str(tmp / "attributes"), "deployment": small},
+            index_reload_interval_s=0.5,
             max_image_bytes=MAX_IMAGE_BYTES,
             max_image_pixels=MAX_IMAGE_PIXELS,
             max_k=MAX_K,
+            max_text_chars=MAX_TEXT,
             default_k=5,
             embedder=small,
             search=small,
             router=small,
+            **replace,
         ),
     )
-    url = start_serve_app(args, port=free_port(), name="visuray-test")
-    try:
-        yield Served(url, args, records, model_version, index_version, tmp)
-    finally:
-        serve.shutdown()
+
+
+_SHARED: Served | None = None
+
+
+def shared_app(tmp_path_factory: pytest.TempPathFactory) -> Served:
+    """The session's Serve application (started on first use; Serve is shut down with the Ray fixture)."""
+    global _SHARED
+    if _SHARED is None:
+        from visuray.serving import start_serve_app
+
+        tmp = tmp_path_factory.mktemp("serve")
+        built = build_served_artifacts(tmp)
+        args = served_app_args(tmp)
+        url = start_serve_app(args, port=free_port(), name="visuray-test", access_log=False)
+        _SHARED = Served(url=url, args=args, tmp=tmp, **built)
+    return _SHARED
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    yield shared_app(tmp_path_factory)
 
 
 def multipart(data: bytes, **fields: str) -> dict[str, Any]:
-    return {"files": {"file": ("query.jpg", data, "image/jpeg")}, "data": fields}
+    return {"files": {"image": ("query.jpg", data, "image/jpeg")}, "data": fields}
 
 
 def assert_client_error(response: httpx.Response, status: int) -> None:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     assert isinstance(response.json().get("error"), str) and response.json()["error"]
+
+
+def reference_ensemble_vector(served: Served, image: bytes) -> np.ndarray:
+    """Slow reference: each tiny model in process, then the concat formula written out."""
+    outputs = []
+    for member in served.ensemble.members:
+        model, _ = load_embedding_model(member.uri)
+        with torch.inference_mode():
+            out = model(to_model_input([decode_image(image)], 32))[0].numpy()
+        outputs.append(out / np.linalg.norm(out) * np.sqrt(member.weight / 3))
+    return np.concatenate(outputs)
 
 
 # -------------------------------------------------------------------------------------- answers
@@ -133,6 +253,7 @@ def test_search_with_a_catalog_image_returns_that_item_first(served: Served) -> 
         top = body["results"][0]
         assert top["item_id"] == item_id and top["score"] == pytest.approx(1.0, abs=1e-4)
         assert (top["label"], top["title"], top["category"]) == (record.label, record.title, "tops")
+        assert top["image_url"] == f"/v1/items/{item_id}/image"
         scores = [hit["score"] for hit in body["results"]]
         assert scores == sorted(scores, reverse=True) and scores[1] < 0.9999
 
@@ -158,7 +279,7 @@ def test_json_raw_and_concurrent_queries_agree(served: Served) -> None:
         == 5
     )
 
-    # Concurrent queries are batched by the embedder and the search deployment; each gets its own answer.
+    # Concurrent queries are batched by the ensemble and the search deployment; each gets its own answer.
     ids = [f"item-{i}" for i in (0, 1, 2, 4, 5, 6, 8, 9)]
     with ThreadPoolExecutor(len(ids)) as pool:
         answers = list(
@@ -172,40 +293,110 @@ def test_json_raw_and_concurrent_queries_agree(served: Served) -> None:
     assert [a.json()["results"][0]["item_id"] for a in answers] == ids
 
 
-def test_embed_returns_the_models_unit_vector(served: Served) -> None:
+def test_embed_returns_the_ensembles_unit_vector(served: Served) -> None:
     record = served.records["item-5"]
     response = httpx.post(f"{served.url}/v1/embed", **multipart(record.image), timeout=60)
     assert response.status_code == 200, response.text
     body = response.json()
     vector = np.array(body["embedding"])
-    assert (
-        body["dim"] == TINY_MODEL.embedding_dim == len(vector)
-        and body["model_version"] == served.model_version
-    )
+    assert body["dim"] == 2 * TINY_MODEL.embedding_dim == len(vector)
+    assert body["model_version"] == served.model_version and served.model_version.startswith("ensemble-")
     assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
-    model, _ = load_embedding_model(str(served.tmp / "model"))
-    with torch.inference_mode():
-        expected = model(to_model_input([decode_image(record.image)], 32))[0].numpy()
-    np.testing.assert_allclose(vector, expected, atol=1e-5)
+    np.testing.assert_allclose(vector, reference_ensemble_vector(served, record.image), atol=1e-5)
+
+
+def test_composed_search_uses_the_fusion_model_and_its_index(served: Served) -> None:
+    from visuray.fusion.predict import FusionPredictor
+
+    record = served.records["item-4"]
+    response = httpx.post(
+        f"{served.url}/v1/search/composed", **multipart(record.image, text="in red", k="12"), timeout=60
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (
+        body["model_version"] == served.fusion_version
+        and body["text"] == "in red"
+        and len(body["results"]) == 12
+    )
+    # The same ranking as the fusion model and a brute-force search in process.
+    predictor = FusionPredictor.load(str(served.tmp / "fusion"))
+    query = predictor.encode_query(decode_image(record.image), "in red").vector
+    targets = predictor.encode_images([decode_image(r.image) for r in served.records.values()])
+    scores = targets @ query
+    expected = [list(served.records)[i] for i in np.argsort(-scores, kind="stable")]
+    assert [h["item_id"] for h in body["results"]] == expected
+    np.testing.assert_allclose([h["score"] for h in body["results"]], np.sort(scores)[::-1], atol=1e-4)
+    # JSON works too, and another text changes the query.
+    other = httpx.post(
+        f"{served.url}/v1/search/composed",
+        json={"image_b64": base64.b64encode(record.image).decode(), "text": "with short sleeves", "k": 12},
+        timeout=60,
+    ).json()
+    assert [h["score"] for h in other["results"]] != [h["score"] for h in body["results"]]
+
+
+def test_attributes_apply_each_labels_threshold(served: Served) -> None:
+    from visuray.attributes.predict import AttributePredictor
+
+    record = served.records["item-6"]
+    response = httpx.post(f"{served.url}/v1/attributes", **multipart(record.image), timeout=60)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = AttributePredictor.load(str(served.tmp / "attributes")).predict([decode_image(record.image)])[
+        0
+    ]
+    assert set(body["scores"]) == set(ATTRIBUTE_LABELS)
+    for label, score in expected.items():
+        assert body["scores"][label] == pytest.approx(score, abs=1e-5)
+    thresholds = dict(zip(ATTRIBUTE_LABELS, ATTRIBUTE_THRESHOLDS, strict=True))
+    present = {a["label"] for a in body["labels"]}
+    assert present == {label for label, s in expected.items() if s >= thresholds[label]}
+    assert "red" in present and "green" not in present
+    assert all(a["threshold"] == thresholds[a["label"]] for a in body["labels"])
 
 
 def test_models_and_items(served: Served) -> None:
     models = httpx.get(f"{served.url}/v1/models", timeout=30).json()
     assert models["model"]["version"] == models["index"]["model_version"] == served.model_version
-    assert models["index"]["version"] == served.index_version and models["index"]["count"] == 12
-    assert models["catalog"]["count"] == 12
+    assert [m["weight"] for m in models["model"]["members"]] == [1, 2] and models["model"][
+        "combine"
+    ] == "concat"
+    assert models["index"]["count"] == 12 and models["catalog"]["count"] == 12
+    assert models["fusion"]["version"] == models["fusion"]["index"]["model_version"] == served.fusion_version
+    assert models["attributes"]["labels"] == sorted(ATTRIBUTE_LABELS)
 
     item = httpx.get(f"{served.url}/v1/items/shirts/item-3", timeout=30).json()
     assert item["title"] == "Shirt number 3" and item["attributes"] == {"size": "M"}
     image = httpx.get(f"{served.url}{item['image_url']}", timeout=30)
     assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
     assert image.content == served.records["shirts/item-3"].image
-    # Items of another shard, twice (the second answer comes from the router's shard cache).
-    for _ in range(2):
+    for _ in range(2):  # another shard, twice (the second answer comes from the router's shard cache)
         assert (
             httpx.get(f"{served.url}/v1/items/item-11/image", timeout=30).content
             == served.records["item-11"].image
         )
+    page = httpx.get(f"{served.url}/v1/items?limit=5&offset=2", timeout=30).json()
+    assert page["count"] == 12 and [i["item_id"] for i in page["items"]] == sorted(served.records)[2:7]
+
+
+def test_openapi_schema_documents_the_routes(served: Served) -> None:
+    schema = httpx.get(f"{served.url}/openapi.json", timeout=30).json()
+    paths = schema["paths"]
+    for path in ("/v1/embed", "/v1/search", "/v1/search/composed", "/v1/attributes"):
+        body = paths[path]["post"]["requestBody"]["content"]
+        assert {"multipart/form-data", "application/json"} <= set(body)
+        assert "image_b64" in body["application/json"]["schema"]["properties"]
+    assert (
+        "text"
+        in paths["/v1/search/composed"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"][
+            "required"
+        ]
+    )
+    assert paths["/v1/search"]["post"]["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/SearchResponse"
+    }
+    assert {"/healthz", "/v1/models", "/v1/items", "/v1/items/{item_id}"} <= set(paths)
 
 
 # ------------------------------------------------------------------------------ client mistakes
@@ -215,6 +406,26 @@ def _png(width: int, height: int) -> bytes:
     return buf.getvalue()
 
 
+def bomb_png() -> bytes:
+    """A PNG whose header says 20,000 x 20,000 (400 MP) -- the first rows of pixels compress to a few kB
+    (the full image would be ~390 kB at this compression): refused from its header, never decoded."""
+    import struct
+    import zlib
+
+    width = height = 20_000
+    row = b"\x00" + b"\x00" * width  # filter byte + one grey byte per pixel
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row) for _ in range(500)) + compressor.flush()
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
 def test_every_client_mistake_is_a_4xx_json_error_and_the_service_survives(served: Served) -> None:
     url = served.url
     good = served.records["item-1"].image
@@ -222,9 +433,14 @@ def test_every_client_mistake_is_a_4xx_json_error_and_the_service_survives(serve
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8))
     )
     assert len(too_big) > MAX_IMAGE_BYTES
+    bomb = bomb_png()
+    assert len(bomb) < MAX_IMAGE_BYTES  # small on the wire: only the pixel count gives it away
+    b64 = base64.b64encode(good).decode()
     cases = [
         ("not an image", "post", "/v1/search", multipart(b"hello, this is text"), 400),
         ("truncated JPEG", "post", "/v1/search", multipart(good[: len(good) // 2]), 400),
+        ("decompression bomb", "post", "/v1/search", multipart(bomb), 400),
+        ("bomb to attributes", "post", "/v1/attributes", multipart(bomb), 400),
         ("too many pixels", "post", "/v1/embed", multipart(_png(1000, 600)), 400),
         ("payload too large", "post", "/v1/search", multipart(too_big), 413),
         (
@@ -241,16 +457,17 @@ def test_every_client_mistake_is_a_4xx_json_error_and_the_service_survives(serve
             {"json": {"image_b64": base64.b64encode(too_big).decode()}},
             413,
         ),
+        ("empty image", "post", "/v1/search", multipart(b""), 400),
         ("k = 0", "post", "/v1/search", multipart(good, k="0"), 400),
+        ("k < 0", "post", "/v1/search/composed", multipart(good, k="-3", text="in red"), 400),
         ("k > max_k", "post", "/v1/search", multipart(good, k=str(MAX_K + 1)), 400),
-        (
-            "k not a number",
-            "post",
-            "/v1/search",
-            {"json": {"image_b64": base64.b64encode(good).decode(), "k": "ten"}},
-            400,
-        ),
+        ("k not a number", "post", "/v1/search", {"json": {"image_b64": b64, "k": "ten"}}, 400),
         ("k fractional", "post", "/v1/search?k=2.5", multipart(good), 400),
+        ("empty text", "post", "/v1/search/composed", multipart(good, text=""), 400),
+        ("blank text", "post", "/v1/search/composed", {"json": {"image_b64": b64, "text": "   "}}, 400),
+        ("no text", "post", "/v1/search/composed", multipart(good), 400),
+        ("10 kB of text", "post", "/v1/search/composed", multipart(good, text="red " * 2500), 400),
+        ("text not a string", "post", "/v1/search/composed", {"json": {"image_b64": b64, "text": 5}}, 400),
         (
             "invalid JSON",
             "post",
@@ -260,6 +477,7 @@ def test_every_client_mistake_is_a_4xx_json_error_and_the_service_survives(serve
         ),
         ("JSON without image", "post", "/v1/embed", {"json": {"k": 3}}, 400),
         ("JSON unknown field", "post", "/v1/embed", {"json": {"image": "abc"}}, 400),
+        ("text on /v1/search", "post", "/v1/search", {"json": {"image_b64": b64, "text": "red"}}, 400),
         ("invalid base64", "post", "/v1/embed", {"json": {"image_b64": "***"}}, 400),
         (
             "multipart without a file",
@@ -275,6 +493,7 @@ def test_every_client_mistake_is_a_4xx_json_error_and_the_service_survives(serve
             {"content": b"abc", "headers": {"content-type": "text/plain"}},
             415,
         ),
+        ("bad items page", "get", "/v1/items?limit=0", {}, 422),
         ("unknown item", "get", "/v1/items/no-such-item", {}, 404),
         ("unknown item image", "get", "/v1/items/no-such-item/image", {}, 404),
         ("unknown route", "get", "/v2/nothing", {}, 404),
@@ -286,6 +505,10 @@ def test_every_client_mistake_is_a_4xx_json_error_and_the_service_survives(serve
             assert_client_error(response, status)
         except AssertionError as exc:
             raise AssertionError(f"{name}: {exc}") from None
+        if name == "10 kB of text":
+            assert "above the limit of 200" in response.json()["error"]
+        if name == "decompression bomb":
+            assert "400000000 pixels" in response.json()["error"]
 
     assert httpx.get(f"{url}/healthz", timeout=30).json() == {"status": "ok"}
     after = httpx.post(f"{url}/v1/search", **multipart(good, k="1"), timeout=60)
@@ -294,20 +517,89 @@ def test_every_client_mistake_is_a_4xx_json_error_and_the_service_survives(serve
 
 # ---------------------------------------------------------------------------- version pairing
 def test_an_index_of_another_model_is_refused(served: Served) -> None:
-    from visuray.serving import BatchSettings
-    from visuray.serving_app import Search, build_app
+    from visuray.serving_app import build_app
 
-    other_version = save_tiny_model(str(served.tmp / "other-model"), seed=1)
-    args = served.args.model_copy(update={"model": str(served.tmp / "other-model")})
+    other_version = save_tiny_model(str(served.tmp / "other-model"), seed=5)
+    args = served.args.model_copy(update={"ensemble": None, "model": str(served.tmp / "other-model")})
     with pytest.raises(IncompatibleIndexError, match=f"built with model version '{served.model_version}'"):
         build_app(args)
-    # The Search replica makes the same check against the index it actually loaded.
-    with pytest.raises(IncompatibleIndexError, match=other_version):
-        Search.func_or_class(
-            str(served.tmp / "index"), served.args.storage, other_version, 16, BatchSettings(), 1
-        )
-    # The running application is untouched.
+    # The ensemble's own member alone is another vector space too: its index is refused for the ensemble.
+    member = served.args.model_copy(update={"ensemble": None, "model": str(served.tmp / "model0")})
+    with pytest.raises(IncompatibleIndexError, match=served.model_version):
+        build_app(member)
+    assert other_version != served.model_version
     assert httpx.get(f"{served.url}/healthz", timeout=30).status_code == 200
+
+
+def test_search_replica_reconfigure_swaps_and_refuses(served: Served, tmp_path: Path) -> None:
+    """In process: reconfigure loads a compatible index beside the old one, and keeps the old on a mismatch."""
+    import asyncio
+
+    from visuray.serving import BatchSettings
+    from visuray.serving_app import Search
+
+    replica = Search.func_or_class(served.args.storage, served.model_version, 32, BatchSettings(), 1)
+    vectors = np.random.default_rng(0).standard_normal((5, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    good = publish_test_index(str(tmp_path / "good"), vectors, list("abcde"), served.model_version, "c")
+    wrong_dim = publish_test_index(
+        str(tmp_path / "dim"), vectors[:, :16].copy(), list("abcde"), served.model_version, "c"
+    )
+    wrong_model = publish_test_index(str(tmp_path / "model"), vectors, list("abcde"), "model-x", "c")
+
+    async def scenario() -> None:
+        await replica.reconfigure({"index": str(served.tmp / "index")})
+        assert replica.info()["version"] == served.index_version
+        await replica.reconfigure({"index": good.uri})
+        assert replica.info()["version"] == good.manifest.version and replica.info()["reload_error"] is None
+        for bad, reason in ((wrong_dim, "16-d"), (wrong_model, "model-x")):
+            await replica.reconfigure({"index": bad.uri})
+            info = replica.info()
+            assert info["version"] == good.manifest.version and reason in info["reload_error"]
+
+    asyncio.run(scenario())
+    with pytest.raises(IncompatibleIndexError, match="model-x"):  # a replica with nothing to fall back on
+        fresh = Search.func_or_class(served.args.storage, served.model_version, 32, BatchSettings(), 1)
+        asyncio.run(fresh.reconfigure({"index": wrong_model.uri}))
+
+
+@pytest.mark.slow  # deploys a second application (~25 s on 2 cores)
+def test_optional_deployments_answer_503_when_not_configured(served: Served) -> None:
+    from ray import serve
+
+    from visuray.serving_app import build_app
+
+    args = served.args.model_copy(
+        update={"fusion": None, "attributes": None, "index_reload_interval_s": None}
+    )
+    serve.run(build_app(args), name="bare", route_prefix="/bare", blocking=False)
+    try:
+        wait_until_healthy(f"{served.url}/bare/healthz")
+        image = served.records["item-0"].image
+        for path, fields in (("/bare/v1/search/composed", {"text": "in red"}), ("/bare/v1/attributes", {})):
+            response = httpx.post(f"{served.url}{path}", **multipart(image, **fields), timeout=60)
+            assert_client_error(response, 503)
+            assert "not configured" in response.json()["error"]
+        assert (
+            httpx.post(f"{served.url}/bare/v1/search", **multipart(image, k="1"), timeout=60).status_code
+            == 200
+        )
+        models = httpx.get(f"{served.url}/bare/v1/models", timeout=30).json()
+        assert models["fusion"] is None and models["attributes"] is None
+    finally:
+        serve.delete("bare")
+
+
+def wait_until_healthy(url: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=10).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer 200 in {timeout_s}s")
 
 
 def test_serve_config_file_deploys_through_rays_own_builder_path(served: Served) -> None:
@@ -317,10 +609,10 @@ def test_serve_config_file_deploys_through_rays_own_builder_path(served: Served)
     from ray.serve.schema import ServeDeploySchema
 
     config = yaml.safe_load(CONFIG_FILE.read_text())
-    schema = ServeDeploySchema.model_validate(config)
-    app = schema.applications[0]
+    app = ServeDeploySchema.model_validate(config).applications[0]
     assert app.import_path == "serve.app:build_app" and app.route_prefix == "/"
-    assert {d.name for d in app.deployments} == {"Embedder", "Search", "Router"}
+    names = {d.name for d in app.deployments}
+    assert names == {"EmbeddingEnsemble", "Search", "Fusion", "ComposedSearch", "Attributes", "Router"}
     for deployment in app.deployments:
         assert (
             deployment.autoscaling_config
@@ -329,8 +621,85 @@ def test_serve_config_file_deploys_through_rays_own_builder_path(served: Served)
         )
 
     builder = import_attr(app.import_path)
-    args = config_app_args(model=str(served.tmp / "model"), index=str(served.tmp / "index"))
+    tmp = served.tmp
+    args = config_app_args(
+        model=str(tmp / "model0"),
+        index=str(tmp / "index-model0"),
+        fusion={"model": str(tmp / "fusion"), "index": str(tmp / "fusion-index")},
+        attributes={"model": str(tmp / "attributes")},
+    )
+    # An index of model0 alone: a one-model app (its ensemble version is model0's version).
+    single = EmbeddingEnsemble.load(EnsembleSpec(members=[EnsembleMember(uri=str(tmp / "model0"))]))
+    vectors = single.embed([decode_image(r.image) for r in served.records.values()])
+    publish_test_index(
+        str(tmp / "index-model0"), vectors, list(served.records), single.version, str(tmp / "catalog")
+    )
     application = call_user_app_builder_with_args_if_necessary(builder, args)
-    assert type(application).__name__ == "Application"
+    deployed = {d.name for d in _deployments_of(application)}
+    assert deployed == names, "the config's deployments section must name exactly the deployments built"
     with pytest.raises(Exception, match="unknown_knob"):
         call_user_app_builder_with_args_if_necessary(builder, {**args, "unknown_knob": 1})
+
+
+def _deployments_of(application: Any) -> list[Any]:
+    """Every deployment bound into an application (the ingress and its handle arguments, recursively)."""
+    from ray.serve._private.build_app import build_app as flatten
+
+    return flatten(application, name="check").deployments
+
+
+# ------------------------------------------------------------------------------------- hot swap
+def test_index_hot_swap_under_concurrent_requests_drops_nothing(served: Served) -> None:
+    """Publish a new index version while 4 clients query continuously: every answer is 2xx, answers
+    switch to the new version, and latency is recorded (printed with -s)."""
+    record = served.records["item-8"]
+    stop = threading.Event()
+    results: list[tuple[int, str | None, float]] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                started = time.monotonic()
+                response = http.post(f"{served.url}/v1/search", **multipart(record.image, k="3"))
+                version = response.json().get("index_version") if response.status_code == 200 else None
+                with lock:
+                    results.append((response.status_code, version, time.monotonic() - started))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)
+        # The new version: the same vectors in an HNSW index (a different file, the same neighbours).
+        embedder = EmbeddingEnsemble.load(served.ensemble)
+        records = list(served.records.values())
+        new = publish_test_index(
+            str(served.tmp / "index"),
+            embedder.embed([decode_image(r.image) for r in records]),
+            [r.item_id for r in records],
+            served.model_version,
+            str(served.tmp / "catalog"),
+            factory="HNSW32",
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with lock:
+                if any(v == new.manifest.version for _, v, _ in results[-4:]):
+                    break
+            time.sleep(0.2)
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    statuses = [s for s, _, _ in results]
+    versions = [v for _, v, _ in results]
+    latencies = sorted(d for _, _, d in results)
+    print(
+        f"\nhot swap: {len(results)} requests, {sum(s >= 300 for s in statuses)} non-2xx, "
+        f"p50 {statistics.median(latencies) * 1000:.0f} ms, p95 {latencies[int(0.95 * len(latencies))] * 1000:.0f} ms"
+    )
+    assert len(results) >= 20 and all(200 <= s < 300 for s in statuses), [s for s in statuses if s >= 300][:5]
+    assert served.index_version in versions and versions[-1] == new.manifest.version
+    assert httpx.get(f"{served.url}/v1/models", timeout=30).json()["index"]["version"] == new.manifest.version

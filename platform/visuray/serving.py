@@ -1,27 +1,32 @@
-"""The library side of the Serve application: typed app arguments, response models and pure helpers.
+"""The library side of the Serve application: typed app arguments, the index/model pairing check, and
+:func:`start_serve_app`.
 
-The deployments themselves live in :mod:`visuray.serving_app` (which imports Ray Serve and FastAPI);
-``serve/app.py`` is the thin application module that ``serve run`` / ``serve deploy`` import. This module
-stays light (no torch, faiss or Ray at import) because the CLI and the demo import it to start Serve.
+Modules of the application:
+
+- :mod:`visuray.serving_app`: the deployments (``EmbeddingEnsemble``, ``Fusion``, ``Attributes``,
+  ``Search``) and the typed builder ``build_app(ServeAppArgs)``;
+- :mod:`visuray.serving_router`: the FastAPI ingress ``Router`` (routes, web page, error answers);
+- :mod:`visuray.serving_io`: request/response models and the parsing of untrusted input;
+- :mod:`visuray.serving_adapters`: the interfaces of the fusion and attribute models and their loaders;
+- :mod:`visuray.serving_catalog`: catalog metadata and images for the router.
+
+``serve/app.py`` is the thin module that ``serve run`` / ``serve deploy`` import. This module stays light
+(no torch, faiss or Ray at import) because the CLI and the demo import it to start Serve.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
-import json
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import Field, model_validator
 
 from visuray.config import StrictModel
 from visuray.images import DEFAULT_MAX_PIXELS
-from visuray.storage import Artifact, ArtifactError, StorageOptions, resolve_artifact
+from visuray.index.ensemble import EnsembleSpec, ensemble_spec
+from visuray.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
@@ -80,22 +85,78 @@ class BatchSettings(StrictModel):
     )
 
 
+FUSION_LOADER = "visuray.serving_adapters:load_fusion_model"
+ATTRIBUTES_LOADER = "visuray.serving_adapters:load_attribute_model"
+
+
+class FusionArgs(StrictModel):
+    """The composed-retrieval deployment: reference image + modifying text -> query vector -> search."""
+
+    model: str = Field(description="fusion model checkpoint URI (root or version folder)")
+    index: str | None = Field(
+        None,
+        description="index of the catalog embedded in the fusion model's target space; None: the main "
+        "index, which then must have been built in that space (the versions are checked)",
+    )
+    loader: str = Field(
+        FUSION_LOADER,
+        description="import path of `loader(uri, storage) -> FusionModel` (visuray.serving_adapters); "
+        "another implementation of the interface can be plugged in here",
+    )
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
+
+
+class AttributesArgs(StrictModel):
+    """The attribute deployment: image -> labels whose score reaches their threshold."""
+
+    model: str = Field(description="attribute model checkpoint URI (root or version folder)")
+    loader: str = Field(
+        ATTRIBUTES_LOADER, description="import path of `loader(uri, storage) -> AttributeModel`"
+    )
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
+
+
 class ServeAppArgs(StrictModel):
     """Arguments of the Serve application (``args:`` in serve/config.yaml, or built in Python)."""
 
-    model: str = Field(description="embedding model checkpoint URI (root or version folder)")
-    index: str = Field(description="index URI built from that model (root or version folder)")
+    model: str | None = Field(
+        None, description="embedding model checkpoint URI (root or version folder); or set `ensemble`"
+    )
+    ensemble: EnsembleSpec | None = Field(
+        None, description="several embedding checkpoints combined by weight (one member is valid too)"
+    )
+    index: str = Field(description="index URI built with that model or ensemble (root or version folder)")
     catalog: str | None = Field(
         None,
         description="catalog URI for item metadata and images; None: the catalog the index was built from",
     )
+    fusion: FusionArgs | None = None  # None: /v1/search/composed answers 503 "not configured"
+    attributes: AttributesArgs | None = None  # None: /v1/attributes answers 503 "not configured"
     storage: StorageOptions = Field(default_factory=StorageOptions)  # how to reach s3:// URIs
+    index_reload_interval_s: float | None = Field(
+        None,
+        gt=0,
+        description="None: serve the index version resolved at deploy. A number: Search replicas check "
+        "the index root's LATEST this often and swap in a newly published compatible version without "
+        "dropping requests (the Search deployment's user_config swaps explicitly either way)",
+    )
 
     max_k: int = Field(100, ge=1, description="largest k a client may ask for; bounds the work per query")
     default_k: int = Field(10, ge=1, description="k when the request does not say")
     max_image_bytes: int = Field(10 * MiB, ge=1024, description="10 MiB fits any phone photo")
     max_image_pixels: int = Field(
         DEFAULT_MAX_PIXELS, ge=1, description="decompression-bomb guard: 40 MP accepts camera photos"
+    )
+    max_text_chars: int = Field(
+        512, ge=1, description="a modification is a phrase; 512 characters bounds the text model's work"
+    )
+    query_max_side: int = Field(
+        512,
+        ge=32,
+        description="the router downscales query photos to this long side before handing pixels to the "
+        "models: at most 0.8 MB per query crosses the cluster, still twice any ViT input size",
     )
     image_cache_shards: int = Field(
         4, ge=1, description="catalog shards whose images the router keeps for /v1/items/{id}/image"
@@ -116,49 +177,16 @@ class ServeAppArgs(StrictModel):
         description="the router only parses, decodes and forwards: many requests per replica, few CPUs",
     )
 
+    @model_validator(mode="after")
+    def _one_embedder(self) -> ServeAppArgs:
+        ensemble_spec(self.model, self.ensemble, "serve app args")
+        return self
 
-# ------------------------------------------------------------------------------------ responses
-class SearchHit(BaseModel):
-    item_id: str
-    score: float
-    label: str | None = None
-    title: str | None = None
-    category: str | None = None
-
-
-class SearchResponse(BaseModel):
-    model_version: str
-    index_version: str
-    k: int
-    results: list[SearchHit]
+    def embedding_ensemble(self) -> EnsembleSpec:
+        return ensemble_spec(self.model, self.ensemble, "serve app args")
 
 
-class EmbedResponse(BaseModel):
-    model_version: str
-    dim: int
-    embedding: list[float]
-
-
-class ItemResponse(BaseModel):
-    item_id: str
-    label: str | None = None
-    category: str | None = None
-    title: str | None = None
-    description: str | None = None
-    attributes: dict[str, Any] = Field(default_factory=dict)
-    image_url: str
-
-
-# ------------------------------------------------------------------------------------- helpers
-class ClientError(Exception):
-    """A request the client must fix; the router answers ``status`` with ``{"error": message}``."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
+# ------------------------------------------------------------------------------ pairing check
 class IncompatibleIndexError(ValueError):
     """An index built with another model (version or dimension) than the one being served."""
 
@@ -177,126 +205,6 @@ def check_index_matches_model(index_meta: Mapping[str, Any], model_meta: Mapping
             f"the index holds {index_meta.get('dim')}-d vectors but the model emits "
             f"{model_meta.get('embedding_dim')}-d embeddings"
         )
-
-
-def parse_k(value: Any, default_k: int, max_k: int) -> int:
-    """The requested k as an int in [1, max_k]; anything else is a 400 naming the allowed range."""
-    if value is None or value == "":
-        return default_k
-    if isinstance(value, bool):
-        raise ClientError(400, f"k must be an integer between 1 and {max_k}, got {value!r}")
-    try:
-        k = int(value)
-        if isinstance(value, float) and value != k:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ClientError(400, f"k must be an integer between 1 and {max_k}, got {value!r}") from None
-    if not 1 <= k <= max_k:
-        raise ClientError(400, f"k must be between 1 and {max_k}, got {k}")
-    return k
-
-
-def decode_base64_image(text: Any, max_bytes: int) -> bytes:
-    """The bytes of a base64 image field (a ``data:image/...;base64,`` prefix is allowed)."""
-    if not isinstance(text, str) or not text:
-        raise ClientError(400, "image_b64 must be a non-empty base64 string")
-    if text.startswith("data:") and "," in text:
-        text = text.split(",", 1)[1]
-    if len(text) > (max_bytes + 2) // 3 * 4 + 4:
-        raise ClientError(413, f"image is larger than the limit of {max_bytes} bytes")
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ClientError(400, "image_b64 is not valid base64") from None
-    if len(data) > max_bytes:
-        raise ClientError(413, f"image is larger than the limit of {max_bytes} bytes")
-    return data
-
-
-def parse_json_query(body: bytes, max_bytes: int) -> tuple[bytes, Any]:
-    """``{"image_b64": ..., "k": ...}`` -> (image bytes, raw k)."""
-    try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ClientError(400, f"request body is not valid JSON: {exc}") from None
-    if not isinstance(payload, dict):
-        raise ClientError(400, 'request body must be a JSON object like {"image_b64": "...", "k": 10}')
-    unknown = sorted(set(payload) - {"image_b64", "k"})
-    if unknown:
-        raise ClientError(400, f"unknown field(s) {unknown}; expected image_b64 and optionally k")
-    return decode_base64_image(payload.get("image_b64"), max_bytes), payload.get("k")
-
-
-def image_media_type(data: bytes) -> str:
-    """The media type of encoded image bytes, from their magic number."""
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "image/gif"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return "application/octet-stream"
-
-
-class CatalogItems:
-    """Item metadata of a catalog in memory, and item images read on demand (a few shards cached).
-
-    Metadata (ids, labels, titles...) is small and answers every search; image bytes are only needed
-    for ``/v1/items/{id}/image``, so they stay in storage and are read shard by shard, checksum-verified.
-    """
-
-    META_COLUMNS = ["item_id", "label", "category", "title", "description", "attributes"]
-
-    def __init__(self, catalog: Artifact, cache_shards: int = 4) -> None:
-        import pyarrow.parquet as pq
-
-        if catalog.manifest.kind != "catalog":
-            raise ArtifactError(f"{catalog.uri} is a {catalog.manifest.kind!r} artifact, not a catalog")
-        self.artifact = catalog
-        self.version = catalog.manifest.version
-        self._cache_shards = cache_shards
-        self._images: OrderedDict[str, list[bytes]] = OrderedDict()
-        self._rows: dict[str, dict[str, Any]] = {}
-        self._where: dict[str, tuple[str, int]] = {}  # item_id -> (shard, row in shard)
-        for shard in sorted(n for n in catalog.manifest.files if n.endswith(".parquet")):
-            table = pq.read_table(io.BytesIO(catalog.read(shard)), columns=self.META_COLUMNS)
-            for row, record in enumerate(table.to_pylist()):
-                record["attributes"] = json.loads(record["attributes"]) if record["attributes"] else {}
-                self._rows[record["item_id"]] = record
-                self._where[record["item_id"]] = (shard, row)
-
-    @classmethod
-    def load(cls, uri: str, options: StorageOptions | None = None, cache_shards: int = 4) -> CatalogItems:
-        started = time.monotonic()
-        items = cls(resolve_artifact(uri, options), cache_shards)
-        log.info("loaded %d catalog items from %s in %.1fs", len(items), uri, time.monotonic() - started)
-        return items
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def __contains__(self, item_id: object) -> bool:
-        return item_id in self._rows
-
-    def get(self, item_id: str) -> dict[str, Any] | None:
-        return self._rows.get(item_id)
-
-    def image(self, item_id: str) -> bytes:
-        """The encoded image of ``item_id`` as ingested; KeyError for an unknown id."""
-        import pyarrow.parquet as pq
-
-        shard, row = self._where[item_id]
-        images = self._images.get(shard)
-        if images is None:
-            table = pq.read_table(io.BytesIO(self.artifact.read(shard)), columns=["image"])
-            images = table.column("image").to_pylist()
-            self._images[shard] = images
-            while len(self._images) > self._cache_shards:
-                self._images.popitem(last=False)
-        self._images.move_to_end(shard)
-        return images[row]
 
 
 def start_serve_app(

@@ -11,9 +11,11 @@ import time
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from visuray.config import StrictModel
+from visuray.index.embed import FusionTargets
+from visuray.index.ensemble import EnsembleSpec, ensemble_spec
 from visuray.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -22,14 +24,24 @@ JOB_CONFIG_NAME = "config.yaml"
 
 
 class BuildIndexConfig(StrictModel):
-    """Embed ``catalog`` with the checkpoint ``model`` and publish a FAISS index at ``output``."""
+    """Embed ``catalog`` with the checkpoint ``model`` (or an ``ensemble``) and publish a FAISS index at ``output``."""
 
     job: Literal["build_index"] = "build_index"
     name: str = "build_index"  # run name, shown in logs and the job summary
     storage: StorageOptions = Field(default_factory=StorageOptions)  # how to reach s3:// URIs
 
     catalog: str = Field(description="catalog URI (root or version folder) to embed")
-    model: str = Field(description="embedding model checkpoint URI (root or version folder)")
+    model: str | None = Field(
+        None, description="embedding model checkpoint URI (root or version folder); or set `ensemble`"
+    )
+    ensemble: EnsembleSpec | None = Field(
+        None, description="several checkpoints combined by weight; the index records the ensemble version"
+    )
+    fusion: str | None = Field(
+        None,
+        description="a fusion model checkpoint URI instead: embeds targets with its image encoder, giving "
+        "the index that composed queries (Serve's `fusion.index`) search",
+    )
     output: str = Field(description="index URI; versions are published below it")
 
     factory: str = Field(
@@ -47,6 +59,13 @@ class BuildIndexConfig(StrictModel):
         None, gt=0, description="IVF lists scanned per query; None picks max(8, nlist/8), stored in the index"
     )
 
+    shard_size: int | None = Field(
+        None,
+        gt=0,
+        description="rows per index file; None: one file. ~10M rows of D=128 Flat (5 GB) per shard keeps "
+        "each file loadable and lets shards build and load one at a time",
+    )
+
     batch_size: int = Field(
         64, gt=0, description="images per model call; 64 fills a CPU core, use 256+ on GPUs"
     )
@@ -58,6 +77,19 @@ class BuildIndexConfig(StrictModel):
         False, description="one GPU per replica for embedding, and FAISS GPU for training when available"
     )
 
+    @model_validator(mode="after")
+    def _one_encoder(self) -> BuildIndexConfig:
+        if self.fusion is not None and (self.model is not None or self.ensemble is not None):
+            raise ValueError("build_index: set one of 'model', 'ensemble' or 'fusion'")
+        if self.fusion is None:
+            ensemble_spec(self.model, self.ensemble, "build_index")
+        return self
+
+    def encoder(self) -> EnsembleSpec | FusionTargets:
+        if self.fusion is not None:
+            return FusionTargets(fusion=self.fusion)
+        return ensemble_spec(self.model, self.ensemble, "build_index")
+
 
 def _resolved_config_yaml(cfg: BuildIndexConfig) -> bytes:
     data = cfg.model_dump(mode="json", exclude={"storage": {"key", "secret"}})
@@ -66,23 +98,20 @@ def _resolved_config_yaml(cfg: BuildIndexConfig) -> bytes:
 
 def run_build_index(cfg: BuildIndexConfig) -> dict[str, Any]:
     """Embed, build, publish; returns a summary (index version and URI, counts, timings)."""
-    from visuray.checkpoint import resolve_model
     from visuray.cluster import ensure_ray
     from visuray.index.embed import embed_catalog_with_report
-    from visuray.index.faiss_index import build_faiss_index, publish_index
+    from visuray.index.faiss_index import build_sharded_faiss_index, publish_index
     from visuray.storage import absolute_uri, resolve_artifact
 
     ensure_ray()
     # Absolute URIs: Ray workers do not share the driver's working directory, and the index records them.
-    model = resolve_model(absolute_uri(cfg.model), cfg.storage)
     catalog = resolve_artifact(absolute_uri(cfg.catalog), cfg.storage)
-    model_version = model.manifest.metadata["model_version"]
-    log.info("build_index %r: catalog %s, model %s -> %s", cfg.name, catalog.uri, model_version, cfg.output)
+    log.info("build_index %r: catalog %s -> %s", cfg.name, catalog.uri, cfg.output)
 
     started = time.monotonic()
     embedded = embed_catalog_with_report(
         catalog.uri,
-        model.uri,
+        cfg.encoder(),
         cfg.storage,
         batch_size=cfg.batch_size,
         concurrency=cfg.concurrency,
@@ -90,12 +119,14 @@ def run_build_index(cfg: BuildIndexConfig) -> dict[str, Any]:
         use_gpu=cfg.use_gpu,
     )
     embed_s = time.monotonic() - started
+    model_version = embedded.model_version
 
     started = time.monotonic()
-    index = build_faiss_index(
+    index = build_sharded_faiss_index(
         embedded.vectors,
         factory=cfg.factory,
         metric=cfg.metric,
+        shard_size=cfg.shard_size,
         train_size=cfg.train_size,
         use_gpu=None if cfg.use_gpu else False,
         nprobe=cfg.nprobe,
@@ -112,7 +143,7 @@ def run_build_index(cfg: BuildIndexConfig) -> dict[str, Any]:
         factory=cfg.factory,
         options=cfg.storage,
         extra_metadata={
-            "model_uri": model.uri,
+            **embedded.encoder,
             "catalog_uri": catalog.uri,
             "catalog_version": catalog.manifest.version,
             "num_skipped": len(embedded.skipped),
@@ -133,6 +164,8 @@ def run_build_index(cfg: BuildIndexConfig) -> dict[str, Any]:
         "dim": meta["dim"],
         "factory": cfg.factory,
         "index_params": meta["index_params"],
+        "num_shards": len(meta["shards"]),
+        "checksum": meta["checksum"],
         "num_skipped": len(embedded.skipped),
         "embed_seconds": round(embed_s, 2),
         "build_seconds": round(build_s, 2),

@@ -14,14 +14,31 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
+from visuray.config import StrictModel
+from visuray.index.ensemble import EnsembleMember, EnsembleSpec
 from visuray.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
 
+class FusionTargets(StrictModel):
+    """Embed catalog images with a fusion model's target encoder: the index that composed queries search."""
+
+    fusion: str = Field(description="fusion model checkpoint URI (root or version folder)")
+    loader: str = Field(
+        "visuray.serving_adapters:load_fusion_model",
+        description="import path of `loader(uri, storage) -> FusionModel`, as in the Serve app args",
+    )
+
+
+Encoder = EnsembleSpec | FusionTargets
+
+
 class CatalogEmbedder:
-    """Ray Data callable class: ``{"item_id", "image"}`` batches in, ``{"item_id", "embedding", "error"}`` out.
+    """Ray Data callable class (one encoder per actor: an embedding ensemble or a fusion model's target
+    encoder): ``{"item_id", "image"}`` batches in, ``{"item_id", "embedding", "error"}`` out.
 
     An image that does not decode is not embedded: its row keeps a zero vector and the decode error, and
     the driver drops it and counts it, so one bad file never fails the job.
@@ -29,26 +46,28 @@ class CatalogEmbedder:
 
     def __init__(
         self,
-        model_uri: str,
+        encoder: Encoder,
         options: StorageOptions | None = None,
         use_gpu: bool = False,
         num_threads: int = 1,
     ) -> None:
         import torch
 
-        from visuray.checkpoint import load_embedding_model
+        from visuray.index.ensemble import EmbeddingEnsemble
+        from visuray.serving_adapters import FusionModel, load_checked
 
         # One actor per CPU slot: torch's default of one thread per core would oversubscribe the node.
         torch.set_num_threads(max(1, num_threads))
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.model, artifact = load_embedding_model(model_uri, options, map_location=self.device)
-        self.img_size = int(artifact.manifest.metadata["img_size"])
-        self.dim = int(artifact.manifest.metadata["embedding_dim"])
+        if isinstance(encoder, FusionTargets):
+            fusion = load_checked(encoder.loader, encoder.fusion, options, self.device, FusionModel)
+            self.embed, self.dim = fusion.encode_images, fusion.dim
+        else:
+            ensemble = EmbeddingEnsemble.load(encoder, options, device=self.device)
+            self.embed, self.dim = ensemble.embed, ensemble.dim
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        from visuray.images import ImageDecodeError, decode_image, to_model_input
+        from visuray.images import ImageDecodeError, decode_image
 
         ids = [str(i) for i in batch["item_id"]]
         errors = [""] * len(ids)
@@ -61,9 +80,7 @@ class CatalogEmbedder:
                 errors[row] = str(exc)
         embeddings = np.zeros((len(ids), self.dim), dtype=np.float32)
         if images:
-            with torch.inference_mode():
-                out = self.model(to_model_input(images, self.img_size).to(self.device))
-            embeddings[rows] = out.float().cpu().numpy()
+            embeddings[rows] = self.embed(images)
         return {"item_id": np.array(ids, dtype=object), "embedding": embeddings, "error": np.array(errors)}
 
 
@@ -97,33 +114,53 @@ class CatalogEmbeddings:
     ids: list[str]
     vectors: np.ndarray  # (N, D) float32
     skipped: dict[str, str] = field(default_factory=dict)  # item_id -> why it was not embedded
+    model_version: str = ""  # names the vector space: the ensemble (or fusion model) version
+    encoder: dict[str, Any] = field(default_factory=dict)  # what embedded them (recorded in the index)
+
+
+def pin_encoder(model: str | Encoder, options: StorageOptions | None) -> tuple[Encoder, str, dict[str, Any]]:
+    """(encoder pinned to version folders, its vector-space version, its description for manifests).
+
+    A checkpoint URI is the one-member ensemble of that model.
+    """
+    from visuray.index.ensemble import resolve_ensemble
+    from visuray.storage import absolute_uri, resolve_artifact
+
+    if isinstance(model, FusionTargets):
+        artifact = resolve_artifact(absolute_uri(model.fusion), options)
+        version = artifact.manifest.metadata["model_version"]
+        pinned = model.model_copy(update={"fusion": artifact.uri})
+        return pinned, version, {"fusion": {"version": version, "uri": artifact.uri}}
+    spec = model if isinstance(model, EnsembleSpec) else EnsembleSpec(members=[EnsembleMember(uri=model)])
+    ensemble = resolve_ensemble(spec, options)
+    return ensemble.pinned_spec(), ensemble.version, {"ensemble": ensemble.describe()}
 
 
 def embed_catalog_with_report(
     catalog_uri: str,
-    model_uri: str,
+    model: str | Encoder,
     options: StorageOptions | None = None,
     batch_size: int = 64,
     concurrency: int = 1,
     num_cpus_per_actor: float = 1,
     use_gpu: bool = False,
 ) -> CatalogEmbeddings:
-    """Embed every item of a published catalog with a published model; see :func:`embed_catalog`."""
+    """Embed every item of a published catalog with a published model, ensemble or fusion model's target
+    encoder; see :func:`embed_catalog`."""
     import ray.data
 
     from visuray.catalog.readers import read_catalog_dataset
-    from visuray.checkpoint import resolve_model
     from visuray.storage import absolute_uri, resolve_artifact
 
-    # Pinned to absolute version folders: every actor loads the same model whatever its working directory.
-    model = resolve_model(absolute_uri(model_uri), options)
+    # Pinned to absolute version folders: every actor loads the same models whatever its working directory.
+    encoder, model_version, description = pin_encoder(model, options)
     catalog = resolve_artifact(absolute_uri(catalog_uri), options)
     concurrency = _fit_actor_pool(concurrency, num_cpus_per_actor)
     log.info(
         "embedding catalog %s (%s items) with model %s on %d actor(s)",
         catalog.uri,
         catalog.manifest.metadata.get("num_items", "?"),
-        model.manifest.metadata.get("model_version"),
+        model_version,
         concurrency,
     )
     remote_args: dict[str, Any] = {"num_cpus": num_cpus_per_actor}
@@ -137,7 +174,7 @@ def embed_catalog_with_report(
     dataset = blocks.map_batches(
         CatalogEmbedder,
         fn_constructor_kwargs={
-            "model_uri": model.uri,
+            "encoder": encoder,
             "options": options,
             "use_gpu": use_gpu,
             "num_threads": max(1, int(num_cpus_per_actor)),
@@ -165,12 +202,14 @@ def embed_catalog_with_report(
     vectors = np.concatenate(chunks)
     order = np.argsort(np.array(ids, dtype=object), kind="stable")
     log.info("embedded %d item(s), dim %d", len(ids), vectors.shape[1])
-    return CatalogEmbeddings([ids[i] for i in order], np.ascontiguousarray(vectors[order]), skipped)
+    return CatalogEmbeddings(
+        [ids[i] for i in order], np.ascontiguousarray(vectors[order]), skipped, model_version, description
+    )
 
 
 def embed_catalog(
     catalog_uri: str,
-    model_uri: str,
+    model: str | Encoder,
     options: StorageOptions | None = None,
     batch_size: int = 64,
     concurrency: int = 1,
@@ -179,11 +218,12 @@ def embed_catalog(
 ) -> tuple[list[str], np.ndarray]:
     """Item ids and their float32 embeddings (sorted by id) for a published catalog.
 
+    ``model`` is a checkpoint URI or an :class:`~visuray.index.ensemble.EnsembleSpec`.
     ``concurrency`` model replicas (Ray actors, ``num_cpus_per_actor`` CPUs and one GPU each when
     ``use_gpu``) embed ``batch_size`` images at a time. Items whose image does not decode are skipped
     and logged; :func:`embed_catalog_with_report` also returns them.
     """
     result = embed_catalog_with_report(
-        catalog_uri, model_uri, options, batch_size, concurrency, num_cpus_per_actor, use_gpu
+        catalog_uri, model, options, batch_size, concurrency, num_cpus_per_actor, use_gpu
     )
     return result.ids, result.vectors

@@ -1,6 +1,7 @@
 """FAISS indexes: build from vectors, publish as an artifact with a manifest, load and search.
 
-An index artifact (kind ``"index"``) holds ``index.faiss`` (``faiss.serialize_index`` bytes), ``ids.parquet``
+An index artifact (kind ``"index"``) holds ``index.faiss`` (``faiss.serialize_index`` bytes) -- or, for a
+large catalog, shards ``index-00000.faiss``, ``index-00001.faiss``... of consecutive rows --, ``ids.parquet``
 (row ``i`` is the catalog ``item_id`` of FAISS id ``i``) and a manifest whose metadata names the model
 version that produced the vectors, their dimension, the metric, the row count and the factory string.
 Serving refuses to pair an index with a model of another version, so the metadata is the contract.
@@ -143,41 +144,91 @@ def build_faiss_index(
     sees a GPU". ``nprobe`` (IVF lists scanned per query) and ``ef_search`` (HNSW) are stored inside the
     serialized index, so the published index searches the way it was validated.
     """
+    return build_sharded_faiss_index(
+        vectors, factory, metric, None, train_size, use_gpu, nprobe, ef_search, seed
+    )[0]
+
+
+def build_sharded_faiss_index(
+    vectors: np.ndarray,
+    factory: str = "Flat",
+    metric: Metric = "ip",
+    shard_size: int | None = None,
+    train_size: int | None = None,
+    use_gpu: bool | None = None,
+    nprobe: int | None = None,
+    ef_search: int = 128,
+    seed: int = 0,
+) -> list[faiss.Index]:
+    """One FAISS index per ``shard_size`` consecutive rows (one shard when None or not exceeded).
+
+    The index type is trained once (on a seeded sample of all rows) and every shard is a copy of that
+    trained, empty index filled with its rows: the shards share IVF centroids and PQ codebooks, so their
+    scores are comparable and searching them all (:class:`SearchIndex`) ranks like one big index.
+    """
     import faiss
 
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if vectors.ndim != 2 or vectors.shape[0] == 0:
         raise ValueError(f"need a non-empty (N, D) array of vectors, got shape {vectors.shape}")
+    if shard_size is not None and shard_size <= 0:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
     num, dim = vectors.shape
     train_count = min(num, train_size or DEFAULT_MAX_TRAIN)
     fitted = fit_factory_to_data(factory, train_count, dim)
-    index = faiss.index_factory(dim, fitted, faiss_metric(metric))
+    empty = faiss.index_factory(dim, fitted, faiss_metric(metric))
+    if use_gpu and not _gpu_available():
+        log.warning("use_gpu was requested but FAISS sees no GPU: building %s on CPU", fitted)
+    gpu = use_gpu is not False and _gpu_available()
 
-    on_gpu = _move_to_gpu(index) if use_gpu is not False else None
-    if on_gpu is None and use_gpu:
-        log.warning("use_gpu was requested but FAISS has no usable GPU for %s: building on CPU", fitted)
-    target = on_gpu[0] if on_gpu is not None else index
-
-    if not target.is_trained:
+    if not empty.is_trained:
         sample = vectors
         if train_count < num:
             rng = np.random.default_rng(seed)
             sample = vectors[np.sort(rng.choice(num, size=train_count, replace=False))]
         log.info("training %s on %d vectors (dim %d)", fitted, len(sample), dim)
-        target.train(sample)
-    for start in range(0, num, _ADD_CHUNK):
-        target.add(vectors[start : start + _ADD_CHUNK])
-    if on_gpu is not None:
-        index = faiss.index_gpu_to_cpu(target)
-        log.info("trained and filled on GPU")
+        empty = _on_device(empty, gpu, lambda index: index.train(sample))
 
-    ivf = _ivf_of(index)
-    if ivf is not None:
-        ivf.nprobe = nprobe if nprobe is not None else _default_nprobe(ivf.nlist)
-    if hasattr(index, "hnsw"):
-        index.hnsw.efSearch = ef_search
-    log.info("built %s index: %d vectors, dim %d, metric %s", fitted, index.ntotal, dim, metric)
-    return index
+    step = shard_size or num
+    shards = []
+    for start in range(0, num, step):
+        rows = vectors[start : start + step]
+        shard = _on_device(
+            faiss.clone_index(empty), gpu, lambda index, rows=rows: _add_in_chunks(index, rows)
+        )
+        ivf = _ivf_of(shard)
+        if ivf is not None:
+            ivf.nprobe = nprobe if nprobe is not None else _default_nprobe(ivf.nlist)
+        if hasattr(shard, "hnsw"):
+            shard.hnsw.efSearch = ef_search
+        shards.append(shard)
+    log.info(
+        "built %s index: %d vectors in %d shard(s), dim %d, metric %s", fitted, num, len(shards), dim, metric
+    )
+    return shards
+
+
+def _add_in_chunks(index: faiss.Index, rows: np.ndarray) -> None:
+    for start in range(0, len(rows), _ADD_CHUNK):
+        index.add(rows[start : start + _ADD_CHUNK])
+
+
+def _gpu_available() -> bool:
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _on_device(index: faiss.Index, gpu: bool, work: Any) -> faiss.Index:
+    """Run ``work(index)`` (train or add) on the GPU when asked and supported; return the CPU index."""
+    import faiss
+
+    moved = _move_to_gpu(index) if gpu else None
+    if moved is None:
+        work(index)
+        return index
+    work(moved[0])
+    return faiss.index_gpu_to_cpu(moved[0])
 
 
 def describe_index(index: faiss.Index) -> dict[str, Any]:
@@ -209,9 +260,14 @@ def _ids_parquet(ids: Sequence[str]) -> bytes:
     return buf.getvalue()
 
 
+def shard_file_name(shard: int, num_shards: int) -> str:
+    """``index.faiss`` for an unsharded index (the historical name), ``index-00003.faiss`` otherwise."""
+    return INDEX_FILE if num_shards == 1 else f"index-{shard:05d}.faiss"
+
+
 def publish_index(
     uri: str,
-    index: faiss.Index,
+    index: faiss.Index | Sequence[faiss.Index],
     ids: Sequence[str],
     model_version: str,
     metric: Metric,
@@ -220,44 +276,71 @@ def publish_index(
     extra_metadata: Mapping[str, Any] | None = None,
     extra_files: Mapping[str, bytes] | None = None,
 ) -> Artifact:
-    """Publish ``index`` with its id mapping: files written, verified, manifest, then LATEST.
+    """Publish ``index`` (one index or its shards, in id order) with its id mapping: files written,
+    verified, manifest, then LATEST -- a reader sees the whole index or none of it.
 
     ``factory`` is the requested factory string; what was actually built (e.g. IVF lists capped for a
-    small catalog) is recorded beside it as ``index_params``. ``extra_files`` (e.g. the resolved job
-    config) become checksummed files of the same artifact.
+    small catalog) is recorded beside it as ``index_params``. The manifest metadata also lists the shard
+    files with their row counts and a ``checksum`` over every index and id file (each file's own sha256
+    is in the manifest's file table). ``extra_files`` (e.g. the resolved job config) become checksummed
+    files of the same artifact.
     """
     import faiss
 
-    if index.ntotal != len(ids):
-        raise ValueError(f"index holds {index.ntotal} vectors but {len(ids)} ids were given")
+    from visuray.storage import sha256_bytes
+
+    shards = [index] if hasattr(index, "ntotal") else list(index)
+    total = sum(int(s.ntotal) for s in shards)
+    if not shards or total != len(ids):
+        raise ValueError(f"index holds {total} vectors but {len(ids)} ids were given")
     if len(set(ids)) != len(ids):
         raise ValueError("item ids of an index must be unique")
+    if len({int(s.d) for s in shards}) != 1:
+        raise ValueError("all shards of an index must have one dimension")
+    files = {
+        shard_file_name(i, len(shards)): faiss.serialize_index(s).tobytes() for i, s in enumerate(shards)
+    }
+    files[IDS_FILE] = _ids_parquet(ids)
+    checksum = sha256_bytes("".join(f"{n}:{sha256_bytes(d)}\n" for n, d in sorted(files.items())).encode())
     metadata = {
         "model_version": model_version,
-        "dim": int(index.d),
+        "dim": int(shards[0].d),
         "metric": metric,
-        "count": int(index.ntotal),
+        "count": total,
         "factory": factory,
-        "index_params": describe_index(index),
+        "index_params": describe_index(shards[0]),
+        "shards": [
+            {"file": shard_file_name(i, len(shards)), "count": int(s.ntotal)} for i, s in enumerate(shards)
+        ],
+        "checksum": checksum,
         **dict(extra_metadata or {}),
     }
     with ArtifactWriter(uri, INDEX_KIND, options) as writer:
-        writer.write_bytes(INDEX_FILE, faiss.serialize_index(index).tobytes())
-        writer.write_bytes(IDS_FILE, _ids_parquet(ids))
-        for name, data in (extra_files or {}).items():
+        for name, data in {**files, **dict(extra_files or {})}.items():
             writer.write_bytes(name, data)
         artifact = writer.publish(metadata)
-    log.info("published index %s (%d vectors, model %s)", artifact.uri, index.ntotal, model_version)
+    log.info(
+        "published index %s (%d vectors in %d shard(s), model %s)",
+        artifact.uri,
+        total,
+        len(shards),
+        model_version,
+    )
     return artifact
 
 
 @dataclass
 class SearchIndex:
-    """A loaded, verified index artifact: FAISS search that answers in catalog item ids."""
+    """A loaded, verified index artifact: FAISS search that answers in catalog item ids.
+
+    A sharded artifact is searched through ``faiss.IndexShards`` (every shard searched, results merged by
+    score); ``shards`` keeps the shard objects alive, since IndexShards does not own them.
+    """
 
     index: Any  # faiss.Index; typed loosely so that this module imports without faiss
     ids: list[str]
     artifact: Artifact
+    shards: list[Any]
 
     @classmethod
     def load(cls, uri: str, options: StorageOptions | None = None) -> SearchIndex:
@@ -268,16 +351,30 @@ class SearchIndex:
         artifact = resolve_artifact(uri, options)
         if artifact.manifest.kind != INDEX_KIND:
             raise ArtifactError(f"{uri} is a {artifact.manifest.kind!r} artifact, not an index")
-        raw = artifact.read(INDEX_FILE)
-        index = faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8))
-        ids = pq.read_table(io.BytesIO(artifact.read(IDS_FILE))).column("item_id").to_pylist()
         meta = artifact.manifest.metadata
+        shard_files = [s["file"] for s in meta.get("shards", [{"file": INDEX_FILE}])]
+        shards = [
+            faiss.deserialize_index(np.frombuffer(artifact.read(name), dtype=np.uint8))
+            for name in shard_files
+        ]
+        if len(shards) == 1:
+            index = shards[0]
+        else:
+            # successive_ids: shard j's local ids are offset by the rows of shards 0..j-1 (id order).
+            index = faiss.IndexShards(shards[0].d, False, True)
+            for shard in shards:
+                index.add_shard(shard)
+        ids = pq.read_table(io.BytesIO(artifact.read(IDS_FILE))).column("item_id").to_pylist()
         if index.ntotal != len(ids) or meta.get("count") != len(ids) or meta.get("dim") != index.d:
             raise ArtifactError(
                 f"index artifact {artifact.uri} is inconsistent: {index.ntotal} vectors, {len(ids)} ids, "
                 f"manifest count {meta.get('count')} dim {meta.get('dim')} vs index dim {index.d}"
             )
-        return cls(index=index, ids=ids, artifact=artifact)
+        return cls(index=index, ids=ids, artifact=artifact, shards=shards)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shards)
 
     @property
     def model_version(self) -> str:
@@ -304,10 +401,11 @@ class SearchIndex:
 
     def set_nprobe(self, nprobe: int) -> None:
         """IVF lists scanned per query: higher is slower and closer to exact search."""
-        ivf = _ivf_of(self.index)
-        if ivf is None:
+        ivfs = [_ivf_of(shard) for shard in self.shards]
+        if any(ivf is None for ivf in ivfs):
             raise ValueError(f"{self.factory} is not an IVF index; nprobe does not apply")
-        ivf.nprobe = nprobe
+        for ivf in ivfs:
+            ivf.nprobe = nprobe
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
         """The ``k`` nearest catalog items of each query vector.

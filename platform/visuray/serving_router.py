@@ -1,0 +1,312 @@
+"""The one HTTP ingress of the Serve application: a FastAPI ``Router`` deployment.
+
+Routes: ``/`` (the web page), ``/healthz``, ``/v1/models``, ``/v1/embed``, ``/v1/search``,
+``/v1/search/composed``, ``/v1/attributes``, ``/v1/items`` and ``/v1/items/{id}[/image]``; the OpenAPI
+schema is FastAPI's ``/openapi.json``. The router parses and validates (:mod:`visuray.serving_io`),
+decodes the image once, and forwards pixels to the model deployments and vectors to the search
+deployments; it names the hits from catalog metadata held in memory. A model deployment that is not
+configured makes its route answer 503 with ``{"error": "... not configured ..."}``.
+
+No ``from __future__ import annotations`` here: FastAPI reads these annotations as real types.
+"""
+
+import asyncio
+import logging
+from importlib import resources
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from visuray.config import StrictModel
+from visuray.images import ImageDecodeError, decode_image, resize_max_side
+from visuray.serving import ServeAppArgs
+from visuray.serving_catalog import CatalogItems
+from visuray.serving_io import (
+    AttributeScore,
+    AttributesResponse,
+    ClientError,
+    ComposedQuery,
+    ComposedQueryForm,
+    ComposedSearchResponse,
+    EmbedResponse,
+    ErrorResponse,
+    HealthResponse,
+    ImageQuery,
+    ImageQueryForm,
+    ItemListResponse,
+    ItemResponse,
+    ModelsResponse,
+    SearchHit,
+    SearchResponse,
+    image_media_type,
+    parse_k,
+    parse_text,
+    read_query,
+    request_body_openapi,
+)
+from visuray.storage import StorageOptions
+
+log = logging.getLogger(__name__)
+
+
+class RouterSettings(StrictModel):
+    """The part of :class:`ServeAppArgs` the router uses (see there for why each default is what it is).
+
+    Kept apart so that swapping an index (a ``user_config`` change of Search) leaves the router as it is.
+    """
+
+    max_k: int
+    default_k: int
+    max_image_bytes: int
+    max_image_pixels: int
+    max_text_chars: int
+    query_max_side: int
+    image_cache_shards: int
+    storage: StorageOptions
+
+    @classmethod
+    def from_args(cls, args: ServeAppArgs) -> "RouterSettings":
+        return cls(**{name: getattr(args, name) for name in cls.model_fields})
+
+
+def _error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+QUERY_ERRORS = _error_responses(400, 413, 415, 422, 503)
+IMAGE_QUERY_BODY = request_body_openapi(ImageQuery, ImageQueryForm)
+COMPOSED_QUERY_BODY = request_body_openapi(ComposedQuery, ComposedQueryForm)
+
+api = FastAPI(
+    title="Visuray visual search",
+    description="Upload a product photo -- optionally with a modification such as 'in red' -- and get the "
+    "most similar catalog items, or the photo's attributes. Images are sent as a multipart `image` part, "
+    "as base64 JSON (`image_b64`) or as the raw image body.",
+    version="1",
+)
+
+
+@api.exception_handler(ClientError)
+async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
+    return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+    return JSONResponse({"error": f"invalid request: {problems}"}, status_code=422)
+
+
+@api.exception_handler(BackPressureError)
+async def _overloaded(request: Request, exc: BackPressureError) -> JSONResponse:
+    return JSONResponse(
+        {"error": "the service is overloaded (queue full): retry shortly"},
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
+
+
+def _not_configured(what: str, args_key: str) -> ClientError:
+    return ClientError(
+        503, f"{what} is not configured on this service (deploy it with `{args_key}` in the app args)"
+    )
+
+
+def _image_url(item_id: str) -> str:
+    return f"/v1/items/{quote(item_id, safe='/')}/image"
+
+
+def _web_page() -> str:
+    return resources.files("visuray").joinpath("web/index.html").read_text(encoding="utf-8")
+
+
+@serve.deployment(name="Router")
+@serve.ingress(api)
+class Router:
+    """HTTP ingress: validates input, calls the model and search deployments, names the hits."""
+
+    def __init__(
+        self,
+        settings: RouterSettings,
+        catalog_uri: str,
+        embedder: DeploymentHandle,
+        search: DeploymentHandle,
+        fusion: DeploymentHandle | None,
+        composed_search: DeploymentHandle | None,
+        attributes: DeploymentHandle | None,
+    ) -> None:
+        self.settings = settings
+        self.embedder = embedder
+        self.search = search
+        self.fusion = fusion
+        self.composed_search = composed_search
+        self.attributes = attributes
+        self.items = CatalogItems.load(catalog_uri, settings.storage, settings.image_cache_shards)
+        self.page = _web_page()
+        self._versions: dict[str, str] = {}  # model versions are fixed for a replica's lifetime
+
+    async def _version_of(self, name: str, handle: DeploymentHandle) -> str:
+        if name not in self._versions:
+            self._versions[name] = (await handle.info.remote())["version"]
+        return self._versions[name]
+
+    # ------------------------------------------------------------------ input
+    async def _query(self, request: Request, fields: tuple[str, ...] = ("k",)) -> Any:
+        return await read_query(request, self.settings.max_image_bytes, fields)
+
+    async def _pixels(self, data: bytes) -> np.ndarray:
+        """Decode (refusing bombs and broken files) and downscale to what the models can use."""
+
+        def decode() -> np.ndarray:
+            image = decode_image(data, self.settings.max_image_pixels)
+            return np.asarray(resize_max_side(image, self.settings.query_max_side))
+
+        try:
+            return await asyncio.to_thread(decode)
+        except ImageDecodeError as exc:
+            raise ClientError(400, str(exc)) from None
+
+    def _hits(self, found: dict[str, Any]) -> list[SearchHit]:
+        hits = []
+        for item_id, score in zip(found["ids"], found["scores"], strict=False):
+            meta = self.items.get(item_id) or {}
+            hits.append(
+                SearchHit(
+                    item_id=item_id,
+                    score=score,
+                    label=meta.get("label"),
+                    title=meta.get("title"),
+                    category=meta.get("category"),
+                    image_url=_image_url(item_id),
+                )
+            )
+        return hits
+
+    def _item(self, meta: dict[str, Any]) -> ItemResponse:
+        return ItemResponse(**meta, image_url=_image_url(meta["item_id"]))
+
+    # ------------------------------------------------------------------ routes
+    @api.get("/", include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(self.page)
+
+    @api.get("/healthz")
+    async def healthz(self) -> HealthResponse:
+        return HealthResponse(status="ok")
+
+    @api.get("/v1/models")
+    async def models(self) -> ModelsResponse:
+        """Which model (ensemble), index, fusion and attribute versions answer, and the catalog."""
+        calls = [self.embedder.info.remote(), self.search.info.remote()]
+        optional = [self.fusion, self.composed_search, self.attributes]
+        calls += [h.info.remote() for h in optional if h is not None]
+        answers = iter(await asyncio.gather(*calls))
+        model, index = next(answers), next(answers)
+        fusion = composed = attributes = None
+        if self.fusion is not None:
+            fusion, composed = next(answers), next(answers)
+        if self.attributes is not None:
+            attributes = next(answers)
+        return ModelsResponse(
+            model=model,
+            index=index,
+            fusion=None if fusion is None else {**fusion, "index": composed},
+            attributes=attributes,
+            catalog={"version": self.items.version, "count": len(self.items)},
+        )
+
+    @api.post("/v1/embed", openapi_extra=IMAGE_QUERY_BODY, responses=QUERY_ERRORS)
+    async def embed(self, request: Request) -> EmbedResponse:
+        """The query image's ensemble embedding (unit vector)."""
+        query = await self._query(request, fields=())
+        vector = await self.embedder.embed.remote(await self._pixels(query.image))
+        version = await self._version_of("embedder", self.embedder)
+        return EmbedResponse(model_version=version, dim=len(vector), embedding=vector)
+
+    @api.post("/v1/search", openapi_extra=IMAGE_QUERY_BODY, responses=QUERY_ERRORS)
+    async def search_items(self, request: Request) -> SearchResponse:
+        """The k catalog items most similar to the query image, best first."""
+        query = await self._query(request)
+        k = parse_k(query.k, self.settings.default_k, self.settings.max_k)
+        vector = await self.embedder.embed.remote(await self._pixels(query.image))
+        found = await self.search.search.remote(vector, k)
+        version = await self._version_of("embedder", self.embedder)
+        return SearchResponse(
+            model_version=version, index_version=found["index_version"], k=k, results=self._hits(found)
+        )
+
+    @api.post("/v1/search/composed", openapi_extra=COMPOSED_QUERY_BODY, responses=QUERY_ERRORS)
+    async def search_composed(self, request: Request) -> ComposedSearchResponse:
+        """The k catalog items that look like the reference image changed as the text says."""
+        if self.fusion is None or self.composed_search is None:
+            raise _not_configured("composed search", "fusion")
+        query = await self._query(request, fields=("k", "text"))
+        k = parse_k(query.k, self.settings.default_k, self.settings.max_k)
+        text = parse_text(query.text, self.settings.max_text_chars)
+        vector = await self.fusion.encode.remote(await self._pixels(query.image), text)
+        found = await self.composed_search.search.remote(vector, k)
+        return ComposedSearchResponse(
+            model_version=await self._version_of("fusion", self.fusion),
+            index_version=found["index_version"],
+            k=k,
+            text=text,
+            results=self._hits(found),
+        )
+
+    @api.post("/v1/attributes", openapi_extra=IMAGE_QUERY_BODY, responses=QUERY_ERRORS)
+    async def predict_attributes(self, request: Request) -> AttributesResponse:
+        """Labels whose score reaches their own threshold, and every label's score."""
+        if self.attributes is None:
+            raise _not_configured("attribute prediction", "attributes")
+        query = await self._query(request, fields=())
+        predicted = await self.attributes.predict.remote(await self._pixels(query.image))
+        return AttributesResponse(
+            model_version=await self._version_of("attributes", self.attributes),
+            labels=[AttributeScore(**p) for p in predicted["labels"]],
+            scores=predicted["scores"],
+        )
+
+    @api.get("/v1/items", responses=_error_responses(422))
+    async def list_items(
+        self,
+        limit: int = Query(12, ge=1, le=100, description="items per page"),
+        offset: int = Query(0, ge=0, description="items to skip (in item id order)"),
+    ) -> ItemListResponse:
+        """A page of catalog items (the web page shows a few to pick a query from)."""
+        return ItemListResponse(
+            count=len(self.items), items=[self._item(m) for m in self.items.sample(limit, offset)]
+        )
+
+    # Registered before /v1/items/{item_id:path}: ids may contain "/" (folder-ingested catalogs).
+    @api.get(
+        "/v1/items/{item_id:path}/image",
+        response_class=Response,
+        responses={200: {"content": {"image/*": {}}}, **_error_responses(404)},
+    )
+    async def item_image(self, item_id: str) -> Response:
+        """The item's image as ingested."""
+        if item_id not in self.items:
+            raise ClientError(404, f"unknown item id {item_id!r}")
+        data = await asyncio.to_thread(self.items.image, item_id)
+        return Response(content=data, media_type=image_media_type(data))
+
+    @api.get("/v1/items/{item_id:path}", responses=_error_responses(404))
+    async def item(self, item_id: str) -> ItemResponse:
+        """The item's catalog metadata."""
+        meta = self.items.get(item_id)
+        if meta is None:
+            raise ClientError(404, f"unknown item id {item_id!r}")
+        return self._item(meta)
