@@ -69,6 +69,20 @@ JOBS: dict[str, JobKind] = {
             "jobs/build_index.py",
             "embed a catalog with Ray Data and build a FAISS index",
         ),
+        JobKind(
+            "train_attributes",
+            "visuray.attributes.train:AttributeTrainConfig",
+            "visuray.attributes.train:run_train_attributes",
+            "jobs/train_attributes.py",
+            "train a multi-label attribute model (heads at chosen depths of one backbone) on Ray Train",
+        ),
+        JobKind(
+            "train_fusion",
+            "visuray.fusion.train:FusionTrainConfig",
+            "visuray.fusion.train:run_train_fusion",
+            "jobs/train_fusion.py",
+            "composed retrieval (image + modifying text) with MAAF / residual attention fusion on Ray Train",
+        ),
     ]
 }
 

@@ -1,0 +1,207 @@
+"""Composed-retrieval quality: MAAF and residual attention fusion against the baselines, same budget.
+
+On the fashion-products composed set (queries TEMPLATED from real attributes: "same article type, in
+<colour>" and product-line colour variants), every model trains for the same steps, batch, learning rate
+and seed from random init, on the training product lines, and is evaluated on held-out product lines
+(their items are the references and the gallery). Reported: Recall@1/10/50, (R@10 + R@50) / 2, CFQ-style
+AUCs, and each fusion model's margin over every baseline.
+
+It runs the train_fusion job's own loop pieces (:func:`visuray.fusion.train.train_steps`,
+:func:`~visuray.fusion.train.evaluate`) in this process, without Ray, so the budget goes to the models.
+
+    .venv/bin/python benchmarks/fusion_quality.py --catalog runs/catalogs/fashion-products \\
+        --out runs/benchmarks/fusion_quality [--steps 150 --max-items 2500 --depths 1 2 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+BASELINES = ["image_only", "text_only", "concat", "tirg"]
+FUSIONS = ["maaf", "residual"]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--catalog", required=True, help="fashion-products catalog (see the ingest job)")
+    parser.add_argument("--out", default="runs/benchmarks/fusion_quality", help="results.json + report.html")
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps per model (same for all)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--max-items", type=int, default=2500, help="catalog subset (whole product lines)")
+    parser.add_argument("--test-fraction", type=float, default=0.3, help="held-out product lines")
+    parser.add_argument("--img-size", type=int, default=64)
+    parser.add_argument("--patch-size", type=int, default=16, help="16 px patches: 4 x 4 tokens at 64 px")
+    parser.add_argument("--vit-depth", type=int, default=2)
+    parser.add_argument(
+        "--depths", type=int, nargs="+", default=[1, 2, 4], help="fusion depths of maaf/residual"
+    )
+    parser.add_argument("--models", nargs="+", default=BASELINES + FUSIONS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    return parser.parse_args()
+
+
+def config_for(args: argparse.Namespace, catalog: str, fusion: str, depth: int) -> Any:
+    from visuray.config import validate_config
+    from visuray.fusion.train import FusionTrainConfig
+
+    return validate_config(
+        FusionTrainConfig,
+        {
+            "catalog": catalog,
+            "output": "/unused",
+            "data": {"max_items": args.max_items, "test_fraction": args.test_fraction, "seed": args.seed},
+            "model": {
+                "backbone": {
+                    "name": "vit_tiny_patch16_224",
+                    "img_size": args.img_size,
+                    "patch_size": args.patch_size,
+                    "depth": args.vit_depth,
+                },
+                "text": {"width": 128, "depth": 2, "heads": 4, "max_length": 32, "dropout": 0.1},
+                "fusion": fusion,
+                "fusion_depth": depth,
+            },
+            "train": {
+                "steps": args.steps,
+                "batch_size": args.batch_size,
+                "lr": args.lr,
+                "warmup_steps": max(1, args.steps // 10),
+                "seed": args.seed,
+                "checkpoint_every": args.steps,
+            },
+            "eval": {"report_queries": 4, "report_top_k": 6},
+        },
+    )
+
+
+def main() -> None:
+    import torch
+
+    from visuray.catalog.readers import load_catalog_frame
+    from visuray.fusion.datasets import TEMPLATED_TEXT_NOTE
+    from visuray.fusion.report import comparison_table, render_report
+    from visuray.fusion.train import (
+        ImageTensorCache,
+        build_fusion_data,
+        build_objective,
+        evaluate,
+        load_items,
+        optimizer_for,
+        prepare_tokenizer,
+        train_steps,
+    )
+
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = config_for(args, args.catalog, "maaf", 1)
+    started = time.monotonic()
+    items, texts = load_items(args.catalog, base.data)
+    data = build_fusion_data(items, base.data)
+    tokenizer = prepare_tokenizer(base, texts, data)
+    cache = ImageTensorCache(args.catalog, data.all_ids(), args.img_size)
+    setup_s = time.monotonic() - started
+    print(
+        f"{len(data.train_items)} train / {len(data.test_items)} held-out items, {len(data.train_queries)} train / "
+        f"{len(data.test_queries)} test queries, vocab {tokenizer.vocab_size}, setup {setup_s:.0f}s",
+        flush=True,
+    )
+
+    runs = [(m, 0) for m in args.models if m in BASELINES]
+    runs += [(m, d) for m in args.models if m in FUSIONS for d in args.depths]
+    rows: list[dict[str, Any]] = []
+    examples_of: dict[str, Any] = {}
+    for fusion, depth in runs:
+        cfg = config_for(args, args.catalog, fusion, max(depth, 1))
+        cfg.model.text.vocab_size = tokenizer.vocab_size
+        torch.manual_seed(args.seed)
+        objective = build_objective(cfg)
+        optimizer = optimizer_for(objective, cfg.train)
+        losses: list[float] = []
+        t0 = time.monotonic()
+        train_steps(
+            objective,
+            optimizer,
+            data.train_queries,
+            cache,
+            tokenizer,
+            cfg.train,
+            0,
+            "cpu",
+            lambda step, loss, lr, losses=losses: losses.append(float(loss)),
+        )
+        train_s = time.monotonic() - t0
+        metrics, examples = evaluate(objective.model, cache, tokenizer, data, cfg.eval)
+        name = fusion if depth == 0 else f"{fusion}-d{depth}"
+        row = {
+            "model": name,
+            "R@1": metrics["test/recall@1"],
+            "R@10": metrics["test/recall@10"],
+            "R@50": metrics["test/recall@50"],
+            "(R@10+R@50)/2": metrics["test/fiq_score"],
+            "variant R@10": metrics.get("test/kind/colour_variant/recall@10", float("nan")),
+            "type+colour R@10": metrics.get("test/kind/type_colour/recall@10", float("nan")),
+            "CFQ caption AUC": metrics.get("test/cfq/caption_auc", float("nan")),
+            "CFQ image AUC": metrics.get("test/cfq/image_auc", float("nan")),
+            "final loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
+            "train s": round(train_s, 1),
+            "params (M)": round(sum(p.numel() for p in objective.parameters()) / 1e6, 2),
+        }
+        rows.append(row)
+        examples_of[name] = examples
+        print(json.dumps(row), flush=True)
+
+    best_baseline = {k: max(r[k] for r in rows if r["model"] in BASELINES) for k in ("R@10", "R@50")}
+    for row in rows:
+        if row["model"] not in BASELINES:
+            for k in ("R@10", "R@50"):
+                row[f"{k} - best baseline"] = row[k] - best_baseline[k]
+    total_s = time.monotonic() - started
+    summary = {
+        "note": TEMPLATED_TEXT_NOTE,
+        "budget": {k: v for k, v in vars(args).items() if k not in ("catalog", "out")},
+        "data": {
+            "train_items": len(data.train_items),
+            "test_items": len(data.test_items),
+            "train_queries": len(data.train_queries),
+            "test_queries": len(data.test_queries),
+        },
+        "total_s": round(total_s, 1),
+        "rows": rows,
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    columns = list(rows[0]) + ["R@10 - best baseline", "R@50 - best baseline"]
+    wanted = {e["reference_id"] for ex in examples_of.values() for e in ex} | {
+        i for ex in examples_of.values() for e in ex for i in e["top_ids"]
+    }
+    frame = load_catalog_frame(args.catalog, columns=["item_id", "image"])
+    images = {i: b for i, b in zip(frame["item_id"], frame["image"], strict=True) if i in wanted}
+    best = max(
+        (r for r in rows if r["model"] not in BASELINES), key=lambda r: r["(R@10+R@50)/2"], default=rows[0]
+    )
+    html = render_report(
+        title="Composed retrieval benchmark (fashion-products, held-out product lines)",
+        metrics={},
+        examples=examples_of[best["model"]],
+        images=images,
+        notes=[
+            TEMPLATED_TEXT_NOTE,
+            f"budget: {summary['budget']}; total {total_s:.0f}s; examples from {best['model']}",
+        ],
+        extra_html=comparison_table(rows, columns),
+    )
+    (out / "report.html").write_text(html)
+    print(f"total {total_s:.0f}s; wrote {out / 'results.json'} and {out / 'report.html'}")
+
+
+if __name__ == "__main__":
+    main()

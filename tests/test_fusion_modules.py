@@ -1,0 +1,200 @@
+"""Fusion modules, encoders, tokenizer and the contrastive loss (tiny models, no Ray)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from visuray.fusion.losses import BatchSoftmaxContrastiveLoss
+from visuray.fusion.model import FusionModelConfig, TextEncoderConfig, build_fusion_model
+from visuray.fusion.modules import FUSIONS, MAAF, ResidualAttentionFusion
+from visuray.fusion.tokenizer import TextTokenizer, train_tokenizer
+from visuray.models.backbone import BackboneConfig
+
+pytestmark = pytest.mark.unit
+
+CORPUS = [
+    "Nike Men Blue T-shirt",
+    "Nike Men Red T-shirt",
+    "Puma Women Black Casual Shoes",
+    "same but in red",
+    "make it blue",
+    "in black",
+] * 3
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> TextTokenizer:
+    return TextTokenizer(train_tokenizer(CORPUS, vocab_size=200, min_frequency=1), max_length=12)
+
+
+def tiny_cfg(fusion: str, depth: int = 1, vocab_size: int = 200) -> FusionModelConfig:
+    return FusionModelConfig(
+        backbone=BackboneConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1),
+        text=TextEncoderConfig(width=32, depth=1, heads=2, max_length=12, dropout=0.0, vocab_size=vocab_size),
+        fusion=fusion,
+        fusion_depth=depth,
+        fusion_width=32,
+        fusion_heads=2,
+        fusion_dropout=0.0,
+        embed_dim=16,
+    )
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_encodes_with_special_tokens_and_pads(tokenizer: TextTokenizer) -> None:
+    e = tokenizer.encode("make it red")
+    assert e.ids[0] == tokenizer.cls_id and e.ids[-1] == tokenizer.sep_id
+    assert e.num_tokens == len(e.ids) - 2 and not (e.truncated or e.empty or e.no_known_tokens)
+    ids, padding = tokenizer(["in red", "make it blue please now"])
+    assert ids.shape == padding.shape and ids.shape[0] == 2
+    assert padding[0].sum() > 0 and not padding[1].any()
+    assert (ids[padding] == tokenizer.pad_id).all()
+
+
+def test_tokenizer_bad_text_is_reported_not_raised(tokenizer: TextTokenizer) -> None:
+    for blank in ("", "   ", None):
+        e = tokenizer.encode(blank)
+        assert e.empty and e.ids == (tokenizer.cls_id, tokenizer.sep_id) and e.notes
+    long = tokenizer.encode(" ".join(["red shirt"] * 50))
+    assert long.truncated and len(long.ids) == tokenizer.max_length and long.num_tokens == 100
+    assert any("truncated" in n for n in long.notes)
+    unknown = tokenizer.encode("日本語 ☃")
+    assert unknown.no_known_tokens and unknown.ids == (tokenizer.cls_id, tokenizer.sep_id)
+
+
+def test_tokenizer_round_trips_through_json_and_file(tokenizer: TextTokenizer, tmp_path) -> None:
+    path = tmp_path / "tokenizer.json"
+    path.write_text(tokenizer.to_json())
+    loaded = TextTokenizer.load(str(path), max_length=12)
+    assert loaded.encode("same but in red").ids == tokenizer.encode("same but in red").ids
+    with pytest.raises(FileNotFoundError, match="no tokenizer file"):
+        TextTokenizer.load(str(tmp_path / "missing.json"), 12)
+
+
+# ---------------------------------------------------------------- modules
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_every_fusion_gives_unit_queries_of_embed_dim(fusion: str, tokenizer: TextTokenizer) -> None:
+    torch.manual_seed(0)
+    model = build_fusion_model(tiny_cfg(fusion, depth=1, vocab_size=tokenizer.vocab_size))
+    ids, padding = tokenizer(["in red", "make it blue", "", "in black"])
+    images = torch.randn(4, 3, 32, 32)
+    query, target = model(images, ids, padding, torch.randn(4, 3, 32, 32))
+    assert query.shape == (4, 16) and target.shape == (4, 16)
+    assert torch.allclose(query.norm(dim=-1), torch.ones(4), atol=1e-5)
+    model.eval()
+    assert model.encode_images(images).shape == (4, 16)
+    # gradients reach both encoders (image_only ignores the text by design, text_only the image tokens)
+    model.train()
+    query, target = model(images, ids, padding, images)
+    (query.sum() + target.sum()).backward()
+    grads = {n.split(".")[0]: p.grad is not None for n, p in model.named_parameters()}
+    assert grads["image_encoder"]
+    assert grads["text_encoder"] == (fusion != "image_only")
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4])
+def test_fusion_depth_sets_the_number_of_joint_layers(depth: int) -> None:
+    maaf = MAAF(24, 32, 32, 16, depth=depth, heads=2, dropout=0.0)
+    residual = ResidualAttentionFusion(
+        24, 32, 32, 16, depth=depth, heads=2, dropout=0.0, residual_init_weight=0.3
+    )
+    assert len(maaf.layers.layers) == depth and len(residual.layers.layers) == depth
+    assert residual.weight.item() == pytest.approx(0.3)
+
+
+def test_maaf_refuses_depth_zero_and_residual_accepts_it() -> None:
+    with pytest.raises(ValueError, match="depth"):
+        MAAF(24, 32, 32, 16, depth=0, heads=2, dropout=0.0)
+    with pytest.raises(ValueError, match="maaf"):
+        tiny_cfg("maaf", depth=0)
+    residual = ResidualAttentionFusion(
+        24, 32, 32, 16, depth=0, heads=2, dropout=0.0, residual_init_weight=1.0
+    )
+    out = residual(
+        torch.randn(2, 5, 24),
+        torch.randn(2, 16),
+        torch.randn(2, 3, 32),
+        None,
+        torch.zeros(2, 3, dtype=torch.bool),
+    )
+    assert out.shape == (2, 16)
+
+
+def test_residual_fusion_with_zero_weight_is_the_image_embedding() -> None:
+    torch.manual_seed(0)
+    residual = ResidualAttentionFusion(
+        24, 32, 32, 16, depth=1, heads=2, dropout=0.0, residual_init_weight=0.0
+    )
+    image_embedding = torch.randn(3, 16)
+    out = residual(torch.randn(3, 5, 24), image_embedding, torch.randn(3, 4, 32), None, None)
+    assert torch.equal(out, image_embedding)
+
+
+def test_text_padding_does_not_change_a_query(tokenizer: TextTokenizer) -> None:
+    torch.manual_seed(0)
+    model = build_fusion_model(tiny_cfg("maaf", depth=2, vocab_size=tokenizer.vocab_size)).eval()
+    image = torch.randn(1, 3, 32, 32)
+    alone_ids, alone_pad = tokenizer(["in red"])
+    batch_ids, batch_pad = tokenizer(["in red", "make it blue please now in black"])
+    with torch.no_grad():
+        alone = model.encode_queries(image, alone_ids, alone_pad)
+        batched = model.encode_queries(image.repeat(2, 1, 1, 1), batch_ids, batch_pad)[:1]
+    assert torch.allclose(alone, batched, atol=1e-5)
+
+
+def test_image_encoder_flattens_cnn_feature_maps() -> None:
+    from visuray.fusion.image_encoder import ImageEncoder
+    from visuray.models.backbone import create_backbone
+
+    encoder = ImageEncoder(
+        create_backbone(BackboneConfig(name="resnet18", img_size=32, patch_size=None, depth=None))
+    )
+    tokens, pooled = encoder(torch.randn(2, 3, 64, 64))
+    assert tokens.shape == (2, 4, 512) and pooled.shape == (2, 512)
+
+
+# ---------------------------------------------------------------- loss
+
+
+def slow_contrastive_loss(query: torch.Tensor, target: torch.Tensor, temperature: float, ignore) -> float:
+    """-log softmax of each query's own target among the columns it does not ignore, averaged."""
+    total = 0.0
+    n = len(query)
+    for i in range(n):
+        logits = [float(query[i] @ target[j]) / temperature for j in range(n)]
+        kept = [logits[j] for j in range(n) if j == i or ignore is None or not ignore[i][j]]
+        total += -(logits[i] - math.log(sum(math.exp(v) for v in kept)))
+    return total / n
+
+
+@pytest.mark.parametrize("with_ignore", [False, True])
+def test_contrastive_loss_matches_slow_reference(with_ignore: bool) -> None:
+    torch.manual_seed(0)
+    query = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    target = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    ignore = torch.zeros(6, 6, dtype=torch.bool)
+    if with_ignore:
+        ignore[0, 3] = ignore[3, 0] = ignore[2, 5] = ignore[4, 4] = True  # the diagonal is never ignored
+    loss_fn = BatchSoftmaxContrastiveLoss(init_temperature=0.1)
+    got = loss_fn(query, target, ignore if with_ignore else None)
+    expected = slow_contrastive_loss(query, target, 0.1, ignore.tolist() if with_ignore else None)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_contrastive_temperature_is_learned_and_capped() -> None:
+    loss_fn = BatchSoftmaxContrastiveLoss(init_temperature=0.07)
+    assert loss_fn.temperature == pytest.approx(0.07, rel=1e-5)
+    query = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    loss_fn(query, query.clone()).backward()
+    assert loss_fn.log_scale.grad is not None and loss_fn.log_scale.grad.abs() > 0
+    capped = BatchSoftmaxContrastiveLoss(init_temperature=0.001)
+    assert capped.temperature == pytest.approx(0.01)  # 1 / max_scale
+    fixed = BatchSoftmaxContrastiveLoss(init_temperature=0.07, learnable=False)
+    assert not any(p.requires_grad for p in fixed.parameters())
