@@ -104,6 +104,15 @@ def cmd_submit(args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
+    if args.job_id is None:  # an overview of local runs, artifacts and (if reachable) Serve deployments
+        from visuray.status import format_overview, overview
+
+        data = overview(args.root, address=args.address, include_cluster=not args.no_cluster)
+        if args.json:
+            _print_json(data)
+        else:
+            print(format_overview(data))
+        return
     from visuray.submission import jobs_client
 
     info = jobs_client(args.address).get_job_info(args.job_id)
@@ -271,8 +280,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="install the pinned constraints.txt in the job's runtime env (clusters without the image)",
     )
 
+    p = add(
+        "status",
+        "Show a submitted job's status; without a job id, an overview of the runs, models, indexes and "
+        "catalogs under --root and of the cluster's Serve applications.",
+        cmd_status,
+    )
+    p.add_argument("job_id", nargs="?", default=None)
+    add_address(p)
+    p.add_argument("--root", default="./runs", help="where to look for artifacts and runs (path or s3://)")
+    p.add_argument("--json", action="store_true", help="print the overview as JSON")
+    p.add_argument("--no-cluster", action="store_true", help="do not ask a cluster for Serve applications")
+
     for name, help_, func in [
-        ("status", "Show a submitted job's status.", cmd_status),
         ("logs", "Print a submitted job's logs.", cmd_logs),
         ("stop", "Stop a submitted job.", cmd_stop),
     ]:

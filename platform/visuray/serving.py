@@ -161,6 +161,17 @@ class ServeAppArgs(StrictModel):
     image_cache_shards: int = Field(
         4, ge=1, description="catalog shards whose images the router keeps for /v1/items/{id}/image"
     )
+    api_keys_file: str | None = Field(
+        None,
+        description="file of API keys, one per line (a mounted Kubernetes secret), read by each router "
+        "replica; with keys (from here or api_keys_env) every route but /healthz needs X-API-Key. None and "
+        "an empty environment variable: the service is open, for a private network",
+    )
+    api_keys_env: str = Field(
+        "VISURAY_API_KEYS",
+        description="environment variable of the router replicas holding comma-separated API keys (a "
+        "secret exposed as env); unset or empty adds none",
+    )
 
     embed_batch: BatchSettings = Field(default_factory=BatchSettings)
     search_batch: BatchSettings = Field(

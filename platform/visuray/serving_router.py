@@ -12,6 +12,7 @@ No ``from __future__ import annotations`` here: FastAPI reads these annotations 
 
 import asyncio
 import logging
+import time
 from importlib import resources
 from typing import Any
 from urllib.parse import quote
@@ -21,12 +22,15 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from visuray.config import StrictModel
 from visuray.images import ImageDecodeError, decode_image, resize_max_side
+from visuray.observability import ServeMetrics
+from visuray.security import ApiKeyGuard, guard_from
 from visuray.serving import ServeAppArgs
 from visuray.serving_catalog import CatalogItems
 from visuray.serving_io import (
@@ -70,6 +74,8 @@ class RouterSettings(StrictModel):
     max_text_chars: int
     query_max_side: int
     image_cache_shards: int
+    api_keys_file: str | None
+    api_keys_env: str
     storage: StorageOptions
 
     @classmethod
@@ -119,6 +125,55 @@ async def _overloaded(request: Request, exc: BackPressureError) -> JSONResponse:
     )
 
 
+# A replica that died (or is being replaced) under a request: the next try lands on a live one.
+REPLICA_GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+REPLICA_RETRIES = 2  # model and search calls are pure: retrying cannot apply a change twice
+
+
+@api.exception_handler(RayActorError)
+@api.exception_handler(ReplicaUnavailableError)
+@api.exception_handler(DeploymentUnavailableError)
+async def _replica_gone(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("answering 503: a replica is unavailable (%s)", type(exc).__name__)
+    return JSONResponse(
+        {"error": "a model replica became unavailable while answering: retry shortly"},
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
+
+
+@api.middleware("http")
+async def _guard_and_measure(request: Request, call_next: Any) -> Response:
+    """API keys (when configured) before anything is read, then per-request metrics."""
+    scope_path, root = request.scope["path"], request.scope.get("root_path", "")
+    path = scope_path[len(root) :] if root and scope_path.startswith(root) else scope_path
+    guard: ApiKeyGuard | None = getattr(request.app.state, "api_key_guard", None)
+    started = time.perf_counter()
+    denial = guard.denial(path or "/", request.headers) if guard is not None else None
+    if denial is not None:
+        response: Response = JSONResponse(
+            {"error": denial}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+        )
+    else:
+        response = await call_next(request)
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.record(path or "/", response.status_code, time.perf_counter() - started)
+    return response
+
+
+async def call_with_retry(method: Any, *args: Any) -> Any:
+    """``await method.remote(*args)``, tried again on another replica when the one it reached died."""
+    for attempt in range(REPLICA_RETRIES + 1):
+        try:
+            return await method.remote(*args)
+        except REPLICA_GONE:
+            if attempt == REPLICA_RETRIES:
+                raise
+            await asyncio.sleep(0.1 * (attempt + 1))  # let the handle learn that the replica is gone
+    raise AssertionError("unreachable")
+
+
 def _not_configured(what: str, args_key: str) -> ClientError:
     return ClientError(
         503, f"{what} is not configured on this service (deploy it with `{args_key}` in the app args)"
@@ -157,10 +212,17 @@ class Router:
         self.items = CatalogItems.load(catalog_uri, settings.storage, settings.image_cache_shards)
         self.page = _web_page()
         self._versions: dict[str, str] = {}  # model versions are fixed for a replica's lifetime
+        # The FastAPI app is this replica's own (one Router per replica process): its middleware reads these.
+        api.state.api_key_guard = guard_from(settings.api_keys_file, settings.api_keys_env)
+        api.state.metrics = ServeMetrics()
+        api.state.metrics.set_versions({"catalog": self.items.version})
+        if api.state.api_key_guard.enabled:
+            log.info("API keys required (%d configured)", len(api.state.api_key_guard.keys))
 
     async def _version_of(self, name: str, handle: DeploymentHandle) -> str:
         if name not in self._versions:
-            self._versions[name] = (await handle.info.remote())["version"]
+            self._versions[name] = (await call_with_retry(handle.info))["version"]
+            api.state.metrics.set_versions({name: self._versions[name]})
         return self._versions[name]
 
     # ------------------------------------------------------------------ input
@@ -232,7 +294,7 @@ class Router:
     async def embed(self, request: Request) -> EmbedResponse:
         """The query image's ensemble embedding (unit vector)."""
         query = await self._query(request, fields=())
-        vector = await self.embedder.embed.remote(await self._pixels(query.image))
+        vector = await call_with_retry(self.embedder.embed, await self._pixels(query.image))
         version = await self._version_of("embedder", self.embedder)
         return EmbedResponse(model_version=version, dim=len(vector), embedding=vector)
 
@@ -241,8 +303,9 @@ class Router:
         """The k catalog items most similar to the query image, best first."""
         query = await self._query(request)
         k = parse_k(query.k, self.settings.default_k, self.settings.max_k)
-        vector = await self.embedder.embed.remote(await self._pixels(query.image))
-        found = await self.search.search.remote(vector, k)
+        vector = await call_with_retry(self.embedder.embed, await self._pixels(query.image))
+        found = await call_with_retry(self.search.search, vector, k)
+        api.state.metrics.set_versions({"index": found["index_version"]})
         version = await self._version_of("embedder", self.embedder)
         return SearchResponse(
             model_version=version, index_version=found["index_version"], k=k, results=self._hits(found)
@@ -256,8 +319,8 @@ class Router:
         query = await self._query(request, fields=("k", "text"))
         k = parse_k(query.k, self.settings.default_k, self.settings.max_k)
         text = parse_text(query.text, self.settings.max_text_chars)
-        vector = await self.fusion.encode.remote(await self._pixels(query.image), text)
-        found = await self.composed_search.search.remote(vector, k)
+        vector = await call_with_retry(self.fusion.encode, await self._pixels(query.image), text)
+        found = await call_with_retry(self.composed_search.search, vector, k)
         return ComposedSearchResponse(
             model_version=await self._version_of("fusion", self.fusion),
             index_version=found["index_version"],
@@ -272,7 +335,7 @@ class Router:
         if self.attributes is None:
             raise _not_configured("attribute prediction", "attributes")
         query = await self._query(request, fields=())
-        predicted = await self.attributes.predict.remote(await self._pixels(query.image))
+        predicted = await call_with_retry(self.attributes.predict, await self._pixels(query.image))
         return AttributesResponse(
             model_version=await self._version_of("attributes", self.attributes),
             labels=[AttributeScore(**p) for p in predicted["labels"]],

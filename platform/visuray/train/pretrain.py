@@ -32,7 +32,7 @@ from pydantic import Field, model_validator
 
 from visuray.config import StrictModel
 from visuray.models.backbone import BackboneConfig
-from visuray.storage import StorageOptions, absolute_uri
+from visuray.storage import StorageOptions, absolute_uri, is_remote
 from visuray.train.deepspeed_engine import DeepSpeedSection
 
 if TYPE_CHECKING:
@@ -163,6 +163,11 @@ class PretrainTrainSection(StrictModel):
         256, ge=0, description="rows in each worker's local shuffle buffer; 0 streams in catalog order"
     )
     seed: int = Field(0, description="initialisation, augmentation and shuffle seed")
+    tensorboard: bool = Field(
+        True,
+        description="rank 0 writes the logged train/* scalars as TensorBoard events into "
+        "<run_dir>/<name>/tensorboard (local run_dir only: TensorBoard's writer needs a local folder)",
+    )
     heartbeat_dir: str | None = Field(
         None,
         description="local folder where each worker writes rank-<r>.json (pid, node, step) after every step, "
@@ -418,6 +423,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from visuray.images import decode_image
+    from visuray.observability import ScalarLog
     from visuray.ssl.dino import DINOLoss, update_teacher
     from visuray.ssl.multicrop import MultiCropAugmentation
     from visuray.ssl.schedules import cosine_schedule, teacher_temperature_schedule
@@ -496,6 +502,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     # ---------------- loop ----------------
     history: list[dict[str, float]] = []
+    scalars = ScalarLog(config.get("tensorboard_dir") if rank == 0 else None)
     loss_sum, loss_count, started = torch.zeros((), device=device), 0, time.monotonic()
     engine.train()
     while step < tc.steps:
@@ -556,6 +563,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             "train/images_per_s": loss_count * global_batch / max(elapsed, 1e-9),
         }
         history.append({"step": step, "train/loss": last_loss})
+        scalars.scalars(metrics, step)
         if rank == 0:
             print(
                 f"[pretrain] step {step}/{tc.steps} loss {last_loss:.4f} lr {metrics['train/lr']:.2e} "
@@ -577,12 +585,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             ray.train.report(metrics)
         loss_sum, loss_count, started = torch.zeros((), device=device), 0, time.monotonic()
 
+    scalars.close()
     return {"start_step": start_step, "steps": step, "final_loss": last_loss, "history": history}
 
 
 # ----------------------------------------------------------------------------------------------------
 # The driver
 # ----------------------------------------------------------------------------------------------------
+
+
+def tensorboard_dir(cfg: PretrainConfig) -> str | None:
+    """Where rank 0 writes TensorBoard events: ``<run_dir>/<name>/tensorboard`` for a local run_dir,
+    resolved on the driver (workers have another working directory); None when off or remote."""
+    if not cfg.train.tensorboard or is_remote(cfg.run_dir):
+        return None
+    return os.path.join(absolute_uri(cfg.run_dir), cfg.name, "tensorboard")
 
 
 def build_trainer(cfg: PretrainConfig) -> Any:
@@ -598,7 +615,11 @@ def build_trainer(cfg: PretrainConfig) -> Any:
     storage_path, storage_filesystem = ray_storage(cfg.run_dir, cfg.storage)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": cfg.model_dump(mode="json"), "deepspeed": ds_base},
+        train_loop_config={
+            "job": cfg.model_dump(mode="json"),
+            "deepspeed": ds_base,
+            "tensorboard_dir": tensorboard_dir(cfg),
+        },
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -680,4 +701,5 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         "history": summary.get("history", []),
         "run_path": result.path,
         "checkpoint": result.checkpoint.path,
+        "tensorboard_dir": tensorboard_dir(cfg),
     }

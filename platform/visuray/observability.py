@@ -1,0 +1,119 @@
+"""Metrics of the Serve application and TensorBoard logs of training.
+
+Serve: the router records, per request, a counter by route and status, a latency histogram by route, an
+error counter by status, and a gauge ``visuray_served_version`` (value 1) whose tags name the model,
+index and catalog versions being served. They are ``ray.serve.metrics`` objects, so Serve adds the
+deployment, replica and application tags, and Ray exports them with its own metrics on every node's
+metrics-export port (Prometheus format; ``ray_`` prefixed) -- scraped like Ray's built-in Serve metrics.
+
+Training: :class:`ScalarLog` writes ``train/*`` scalars with ``torch.utils.tensorboard`` from rank 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Seconds; from a cached search (a few ms) to a cold CPU replica (seconds).
+LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+_ID_SEGMENT = re.compile(r"^(/v1/items)/.+?(/image)?$")
+
+
+def route_label(path: str) -> str:
+    """A bounded set of route names for tags: item ids are folded into ``{id}`` (unbounded tag values
+    would make one time series per item)."""
+    match = _ID_SEGMENT.match(path)
+    if match:
+        return f"{match.group(1)}/{{id}}{match.group(2) or ''}"
+    return path if path.startswith("/v1/") or path in ("/", "/healthz", "/openapi.json", "/docs") else "other"
+
+
+class ServeMetrics:
+    """The router's metrics; create one per replica (in its constructor: Ray must be initialised)."""
+
+    def __init__(self) -> None:
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        self.requests = Counter(
+            "visuray_requests_total",
+            "HTTP requests answered, by route and status",
+            tag_keys=("route", "status"),
+        )
+        self.errors = Counter(
+            "visuray_request_errors_total",
+            "requests answered with a 4xx or 5xx, by route and status",
+            tag_keys=("route", "status"),
+        )
+        self.latency = Histogram(
+            "visuray_request_latency_s",
+            "time from request to answer in the router, seconds",
+            boundaries=LATENCY_BOUNDARIES_S,
+            tag_keys=("route",),
+        )
+        self.versions = Gauge(
+            "visuray_served_version",
+            "1 for each (component, version) pair being served: model ensemble, index, catalog",
+            tag_keys=("component", "version"),
+        )
+        self._served: dict[str, str] = {}  # component -> version now set to 1
+
+    def record(self, path: str, status: int, seconds: float) -> None:
+        route = route_label(path)
+        tags = {"route": route, "status": str(status)}
+        self.requests.inc(1, tags=tags)
+        if status >= 400:
+            self.errors.inc(1, tags=tags)
+        self.latency.observe(seconds, tags={"route": route})
+
+    def set_versions(self, versions: Mapping[str, str | None]) -> None:
+        """Mark what is served now; a replaced version (an index hot swap) drops to 0."""
+        for component, version in versions.items():
+            previous = self._served.get(component)
+            if not version or version == previous:
+                continue
+            if previous is not None:
+                self.versions.set(0, tags={"component": component, "version": previous})
+            self.versions.set(1, tags={"component": component, "version": str(version)})
+            self._served[component] = str(version)
+
+
+def parse_prometheus(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """Samples of one metric from Prometheus text: ``[(labels, value)]`` (for checks and the benchmark)."""
+    samples = []
+    pattern = re.compile(r"^" + re.escape(name) + r"\{(.*)\}\s+(\S+)$")
+    for line in text.splitlines():
+        match = pattern.match(line)
+        if match:
+            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(1)))
+            samples.append((labels, float(match.group(2))))
+    return samples
+
+
+class ScalarLog:
+    """TensorBoard scalars of one training run (rank 0 only); a no-op when ``log_dir`` is None."""
+
+    def __init__(self, log_dir: str | None) -> None:
+        self.writer: Any = None
+        if log_dir is None:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=log_dir)
+        self.log_dir = log_dir
+
+    def scalars(self, metrics: Mapping[str, Any], step: int) -> None:
+        if self.writer is None:
+            return
+        for key, value in metrics.items():
+            if isinstance(value, int | float) and key != "step":
+                self.writer.add_scalar(key, float(value), step)
+        self.writer.flush()  # a crash (or a killed worker) keeps what was logged so far
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

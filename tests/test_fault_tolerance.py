@@ -1,0 +1,430 @@
+"""Faults injected for real, outcomes counted:
+
+- a pretraining worker SIGKILLed three times in one run: each restart resumes from the last checkpoint
+  (losing at most one checkpoint interval) and the run finishes;
+- a Serve embedder replica SIGKILLed under a stream of requests: at most 1% fail, each failure a 503 with
+  Retry-After;
+- an artifact publish (local and S3) SIGKILLed halfway: the previous version still loads and verifies, no
+  manifest points at partial data; a file torn by a killed writer is caught by its checksum.
+
+The helpers here (load stream, replica kill, heartbeat watcher, publisher process) are also what
+benchmarks/reliability.py runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from visuray.storage import (
+    ArtifactError,
+    ArtifactWriter,
+    StorageOptions,
+    get_filesystem,
+    join,
+    resolve_artifact,
+    verify_artifact,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------- training worker kills
+def registered_checkpoint_step(run_path: Path) -> int:
+    """The step of the latest checkpoint Ray Train has registered (0 if none yet).
+
+    A checkpoint folder on disk is not enough: the controller registers a reported checkpoint when it next
+    polls the workers, and a worker killed before that poll leaves an unregistered folder behind. The
+    registered ones are in the run's checkpoint-manager snapshot.
+    """
+    try:
+        snapshot = json.loads((run_path / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    return int((latest.get("metrics") or {}).get("step", 0))
+
+
+def read_heartbeat(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass
+class WorkerKiller:
+    """Watches rank 0's heartbeat and SIGKILLs the worker ``kills`` times, each time after it has got past
+    a checkpoint of its own; records every worker process's start step and the checkpoint it saw last."""
+
+    heartbeat: Path
+    run_path: Path
+    kills: int
+    steps: int
+    every: int
+    killed: list[dict[str, Any]] = field(default_factory=list)
+    starts: dict[int, dict[str, int]] = field(default_factory=dict)  # pid -> start_step, last ckpt seen
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        latest = 0
+        while not self.stop.is_set():
+            beat = read_heartbeat(self.heartbeat)
+            latest = max(latest, registered_checkpoint_step(self.run_path))
+            if beat is None or any(k["pid"] == beat["pid"] for k in self.killed):
+                time.sleep(0.01)
+                continue
+            self.starts.setdefault(beat["pid"], {"start_step": beat["start_step"], "checkpoint": latest})
+            if (
+                len(self.killed) < self.kills
+                and latest > beat["start_step"]  # this worker checkpointed at least once
+                and latest < beat["step"] <= latest + self.every  # the next checkpoint is not registered yet
+                and beat["step"] < self.steps - 1
+            ):
+                os.kill(beat["pid"], signal.SIGKILL)
+                self.killed.append({"pid": beat["pid"], "step": beat["step"], "checkpoint": latest})
+            time.sleep(0.01)
+
+
+def pretrain_with_kills(tmp_path: Path, kills: int, steps: int, every: int) -> tuple[dict, WorkerKiller]:
+    from tests.test_finetune import write_colour_catalog
+    from tests.test_pretrain import pretrain_config
+    from visuray.train.pretrain import run_pretrain
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    write_colour_catalog(str(tmp_path / "catalog"), per_class=6)
+    cfg = pretrain_config(
+        tmp_path,
+        "name=killed-thrice",
+        f"train.steps={steps}",
+        f"train.checkpoint_every={every}",
+        f"train.log_every={every}",
+        f"train.heartbeat_dir={tmp_path / 'heartbeats'}",
+        f"scaling.max_failures={kills}",
+    )
+    killer = WorkerKiller(
+        tmp_path / "heartbeats" / "rank-0.json", tmp_path / "runs" / "killed-thrice", kills, steps, every
+    )
+    watcher = threading.Thread(target=killer.run, daemon=True)
+    watcher.start()
+    try:
+        result = run_pretrain(cfg)
+    finally:
+        killer.stop.set()
+        watcher.join()
+    return result, killer
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_pretraining_survives_three_killed_workers(ray_cluster, tmp_path: Path) -> None:
+    steps, every = 12, 2
+    result, killer = pretrain_with_kills(tmp_path, kills=3, steps=steps, every=every)
+    assert len(killer.killed) == 3, f"only {len(killer.killed)} kills happened: {killer.killed}"
+    assert result["steps"] == steps
+    starts = list(killer.starts.values())  # in order of appearance: first run, then one per restart
+    assert len(starts) == 4 and starts[0]["start_step"] == 0, starts
+    for kill, restart in zip(killer.killed, starts[1:], strict=True):
+        # resumed exactly at the last checkpoint committed before the restart ...
+        assert restart["start_step"] == restart["checkpoint"], (kill, restart)
+        assert restart["start_step"] % every == 0 and restart["start_step"] >= kill["checkpoint"]
+        # ... so at most one checkpoint interval of work was lost
+        assert 0 <= kill["step"] - restart["start_step"] <= every, (kill, restart)
+    assert result["start_step"] == starts[-1]["start_step"]
+    assert (tmp_path / "model" / "LATEST").exists()
+
+    # TensorBoard: rank 0 of every attempt appended scalars to the same run folder
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(result["tensorboard_dir"])
+    events.Reload()
+    logged = {e.step for e in events.Scalars("train/loss")}
+    assert set(range(every, steps + 1, every)) <= logged
+
+
+# ----------------------------------------------------------------------------- serve replica kills
+def replica_processes(app: str, deployment: str) -> list[dict[str, Any]]:
+    """Live replica actors of one deployment with their pids (the GCS actor table)."""
+    from ray._private import state
+
+    marker = f"SERVE_REPLICA::{app}#{deployment}#"
+    return [
+        {"name": a["Name"], "pid": a["Pid"]}
+        for a in state.actors().values()
+        if a.get("Name", "").startswith(marker) and a["State"] == "ALIVE"
+    ]
+
+
+@dataclass
+class LoadResult:
+    statuses: list[int]
+    retry_after: list[str | None]
+    seconds: float
+
+    @property
+    def failed(self) -> list[int]:
+        return [s for s in self.statuses if s >= 300]
+
+    @property
+    def requests_per_s(self) -> float:
+        return len(self.statuses) / self.seconds
+
+
+def run_load(
+    url: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    requests: int,
+    concurrency: int,
+    max_seconds: float,
+    on_progress: Any = None,
+) -> LoadResult:
+    """``requests`` POSTs from ``concurrency`` threads (stopping at ``max_seconds``); ``on_progress(n)``
+    is called with the number answered so far after each answer."""
+    statuses: list[int] = []
+    retry_after: list[str | None] = []
+    lock = threading.Lock()
+    started = time.monotonic()
+    counter = iter(range(requests))
+
+    def client() -> None:
+        with httpx.Client(timeout=60, headers=headers) as http:
+            while time.monotonic() - started < max_seconds:
+                with lock:
+                    if next(counter, None) is None:
+                        return
+                try:
+                    response = http.post(url, **body)
+                    status, retry = response.status_code, response.headers.get("retry-after")
+                except httpx.HTTPError:
+                    status, retry = 599, None  # a dropped connection counts as a failure
+                with lock:
+                    statuses.append(status)
+                    retry_after.append(retry)
+                    done = len(statuses)
+                if on_progress is not None:
+                    on_progress(done)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        for future in [pool.submit(client) for _ in range(concurrency)]:
+            future.result()
+    return LoadResult(statuses, retry_after, time.monotonic() - started)
+
+
+def kill_one_replica_under_load(
+    url: str, app: str, body: dict[str, Any], headers: dict[str, str], requests: int, kill_after: int
+) -> tuple[LoadResult, dict[str, Any]]:
+    replicas = replica_processes(app, "EmbeddingEnsemble")
+    assert len(replicas) >= 2, replicas
+    victim = replicas[0]
+    killed = threading.Event()
+
+    def maybe_kill(done: int) -> None:
+        if done >= kill_after and not killed.is_set():
+            killed.set()
+            os.kill(victim["pid"], signal.SIGKILL)
+
+    result = run_load(url, body, headers, requests, concurrency=6, max_seconds=120, on_progress=maybe_kill)
+    assert killed.is_set(), "the stream ended before the replica was killed"
+    return result, victim
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_killed_serve_replica_fails_at_most_one_percent_as_retryable_503(
+    ray_cluster, tmp_path_factory
+) -> None:
+    from tests.test_security import OPS_APP, ops_app
+    from tests.test_serve import multipart
+
+    ops = ops_app(tmp_path_factory)
+    image = ops.served.records["item-2"].image
+    result, victim = kill_one_replica_under_load(
+        f"{ops.url}/v1/search", OPS_APP, multipart(image, k="3"), ops.headers, requests=300, kill_after=60
+    )
+    counts = Counter(result.statuses)
+    print(
+        f"\nreplica kill: {len(result.statuses)} requests in {result.seconds:.1f}s, statuses {dict(counts)}"
+    )
+    assert len(result.statuses) == 300
+    assert len(result.failed) <= 0.01 * len(result.statuses), counts
+    for status, retry in zip(result.statuses, result.retry_after, strict=True):
+        if status >= 300:
+            assert status == 503 and retry is not None, (status, retry)
+    # Serve replaced the dead replica; the app answers normally again
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        alive = replica_processes(OPS_APP, "EmbeddingEnsemble")
+        if len(alive) == 2 and victim["pid"] not in {r["pid"] for r in alive}:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"the killed replica was not replaced: {replica_processes(OPS_APP, 'EmbeddingEnsemble')}")
+    response = httpx.post(f"{ops.url}/v1/search", headers=ops.headers, **multipart(image, k="3"), timeout=60)
+    assert response.status_code == 200 and response.json()["results"][0]["item_id"] == "item-2"
+
+
+# ----------------------------------------------------------------------------- killed publishes
+PUBLISHER = """
+import os, sys
+from visuray.storage import ArtifactWriter
+root, files, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+writer = ArtifactWriter(root, "index")
+print("version", writer.version, flush=True)
+for i in range(files):
+    writer.write_bytes(f"shard-{i:03d}.bin", os.urandom(size))
+    print("wrote", i, flush=True)
+writer.publish({"files": files})
+print("published", flush=True)
+"""
+
+TEARER = """
+import sys, time
+path, size = sys.argv[1], int(sys.argv[2])
+with open(path, "r+b") as fh:  # rewrites a published file in place, slowly: a copy tool gone wrong
+    for offset in range(0, size, 4096):
+        fh.seek(offset)
+        fh.write(b"\\0" * 4096)
+        fh.flush()
+        if offset == 8 * 4096:
+            print("halfway", flush=True)
+        time.sleep(0.01)
+"""
+
+
+def publish_and_kill(root: str, files: int, size: int, kill_after_file: int) -> str:
+    """Start a publisher process, SIGKILL it once it has written ``kill_after_file + 1`` files; return
+    the version folder it was writing."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PUBLISHER, root, str(files), str(size)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    version = None
+    try:
+        for line in proc.stdout:
+            if line.startswith("version"):
+                version = line.split()[1]
+            if line.strip() == f"wrote {kill_after_file}":
+                proc.send_signal(signal.SIGKILL)
+                break
+            assert line.strip() != "published", "the publisher finished before it was killed"
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL and version is not None
+    return version
+
+
+def publish_small(root: str, options: StorageOptions | None = None) -> str:
+    with ArtifactWriter(root, "index", options) as writer:
+        writer.write_bytes("shard-000.bin", b"previous version " * 1000)
+        return writer.publish({"files": 1}).manifest.version
+
+
+def assert_previous_version_intact(
+    root: str, previous: str, partial: str, options: StorageOptions | None
+) -> None:
+    artifact = resolve_artifact(root, options)
+    assert artifact.manifest.version == previous
+    verify_artifact(artifact)
+    assert artifact.read("shard-000.bin") == b"previous version " * 1000
+    fs, _ = get_filesystem(root, options)
+    partial_uri = join(root, "versions", partial)
+    assert fs.exists(get_filesystem(join(partial_uri, "shard-000.bin"), options)[1]), (
+        "the kill came too early"
+    )
+    # no manifest points at the partial data: neither LATEST nor a manifest in the partial folder
+    assert not fs.exists(get_filesystem(join(partial_uri, "MANIFEST.json"), options)[1])
+    with pytest.raises(ArtifactError, match="neither"):
+        resolve_artifact(partial_uri, options)
+
+
+@pytest.mark.unit
+def test_publish_killed_halfway_leaves_the_previous_local_version(tmp_path: Path) -> None:
+    root = str(tmp_path / "index")
+    previous = publish_small(root)
+    partial = publish_and_kill(root, files=8, size=4 << 20, kill_after_file=2)
+    assert_previous_version_intact(root, previous, partial, None)
+    # the next publish succeeds over the debris and becomes LATEST
+    assert resolve_artifact(root).manifest.version == previous
+    assert publish_small(root) != previous
+
+
+@pytest.mark.s3
+def test_publish_killed_halfway_leaves_the_previous_s3_version(s3_bucket: str) -> None:
+    root = f"{s3_bucket}/index"
+    previous = publish_small(root)
+    partial = publish_and_kill(root, files=6, size=2 << 20, kill_after_file=1)
+    assert_previous_version_intact(root, previous, partial, None)
+
+
+@pytest.mark.unit
+def test_file_torn_by_a_killed_writer_is_caught_by_its_checksum(tmp_path: Path) -> None:
+    root = str(tmp_path / "model")
+    size = 64 * 4096
+    with ArtifactWriter(root, "model") as writer:
+        writer.write_bytes("weights.safetensors", os.urandom(size))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TEARER, str(tmp_path / "model" / "versions" / writer.version / "weights.safetensors"),
+         str(size)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert proc.stdout.readline().strip() == "halfway"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    artifact = resolve_artifact(root)  # still resolves: the manifest is intact ...
+    with pytest.raises(ArtifactError, match="checksum mismatch"):  # ... but the torn data is refused
+        artifact.read("weights.safetensors")
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        verify_artifact(artifact)
+
+
+# ----------------------------------------------------------------------------- router: dead replicas
+@pytest.mark.unit
+def test_router_retries_a_dead_replica_and_answers_503_when_none_is_left() -> None:
+    import asyncio
+
+    from ray.exceptions import ActorDiedError
+
+    from visuray.serving_router import REPLICA_RETRIES, _replica_gone, call_with_retry
+
+    class Method:
+        def __init__(self, failures: int) -> None:
+            self.failures, self.calls = failures, 0
+
+        def remote(self, x: int) -> Any:
+            self.calls += 1
+            failing = self.calls <= self.failures
+
+            async def answer() -> int:
+                if failing:
+                    raise ActorDiedError()
+                return x * 2
+
+            return answer()
+
+    flaky = Method(failures=REPLICA_RETRIES)
+    assert asyncio.run(call_with_retry(flaky, 21)) == 42 and flaky.calls == REPLICA_RETRIES + 1
+    dead = Method(failures=100)
+    with pytest.raises(ActorDiedError):
+        asyncio.run(call_with_retry(dead, 1))
+    assert dead.calls == REPLICA_RETRIES + 1
+    response = asyncio.run(_replica_gone(None, ActorDiedError()))
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert json.loads(response.body)["error"]
