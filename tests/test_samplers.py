@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from visuray.samplers import PKSampler
+from visuray.samplers import CategoryBalancedSampler, PKSampler
 
 pytestmark = pytest.mark.unit
 
@@ -110,3 +110,71 @@ def test_invalid_arguments() -> None:
         PKSampler(LABELS, p=2, k=2, rank=2, world_size=2)
     with pytest.raises(ValueError, match="at least 1"):
         PKSampler(np.array(LABELS), p=0, k=2)
+
+
+# ---------------- category-favouring batches ----------------
+
+# 8 classes of 6 items in 3 categories: {0, 1, 2, 3} shoes, {4, 5, 6} shirts, {7} a lone hat class.
+CAT_LABELS = np.repeat(np.arange(8), 6)
+CLASS_CATEGORY = np.array([0, 0, 0, 0, 1, 1, 1, 2])
+CAT_OF_ROW = CLASS_CATEGORY[CAT_LABELS]
+
+
+def _categories_of(batch: list[int]) -> set[int]:
+    return {int(CAT_OF_ROW[i]) for i in batch}
+
+
+@pytest.mark.parametrize("prob", [0.0, 0.5, 1.0])
+def test_single_category_batches_come_with_the_given_probability(prob: float) -> None:
+    sampler = CategoryBalancedSampler(
+        CAT_LABELS, CAT_OF_ROW, p=3, k=2, single_category_prob=prob, num_batches=400
+    )
+    batches = list(sampler)
+    assert sampler.num_categories == 2  # the one-class category cannot host a batch
+    single = 0
+    for batch in batches:
+        counts = Counter(int(CAT_LABELS[i]) for i in batch)
+        assert len(counts) == 3 and set(counts.values()) == {2}  # the P x K shape always holds
+        single += len(_categories_of(batch)) == 1
+    # A uniform batch of 3 of the 8 classes is single-category by chance with probability 5/56.
+    chance = 5 / 56
+    expected = prob + (1 - prob) * chance
+    assert abs(single / len(batches) - expected) < 0.07
+
+
+def test_small_category_is_completed_from_other_classes() -> None:
+    # P = 4 but the shirts category has 3 classes: its batches take all 3 plus one other class.
+    sampler = CategoryBalancedSampler(
+        CAT_LABELS, CAT_OF_ROW, p=4, k=2, single_category_prob=1.0, num_batches=60
+    )
+    shirt_batches = 0
+    for batch in sampler:
+        classes = {int(CAT_LABELS[i]) for i in batch}
+        assert len(classes) == 4
+        if {4, 5, 6} <= classes:
+            shirt_batches += 1
+        else:
+            assert classes == {0, 1, 2, 3}
+    assert 15 <= shirt_batches <= 45
+
+
+def test_category_sampler_is_deterministic_and_splits_ranks() -> None:
+    def make(rank: int, world: int = 2) -> CategoryBalancedSampler:
+        return CategoryBalancedSampler(
+            CAT_LABELS, CAT_OF_ROW, p=3, k=2, single_category_prob=0.7, num_batches=5, seed=3, rank=rank,
+            world_size=world,
+        )  # fmt: skip
+
+    assert list(make(0)) == list(make(0))
+    stream = make(0).global_batches(0)
+    assert list(make(0)) == stream[0::2] and list(make(1)) == stream[1::2]
+    assert all(len(b) == 6 for b in stream)
+
+
+def test_category_sampler_without_usable_categories_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no category holds two or more classes"):
+        CategoryBalancedSampler(
+            CAT_LABELS, np.arange(len(CAT_LABELS)) // 6, p=2, k=2, single_category_prob=0.5
+        )
+    with pytest.raises(ValueError, match="single_category_prob"):
+        CategoryBalancedSampler(CAT_LABELS, CAT_OF_ROW, p=2, k=2, single_category_prob=1.5)

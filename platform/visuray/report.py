@@ -81,7 +81,7 @@ def baseline_table(catalog_uri: str, model_uri: str, model_cfg: dict[str, Any]) 
     candidates = {
         "raw pixels (16x16 RGB)": raw_pixel_embedding(images),
         "random init (same ViT)": embed_images_in_process(images, random_model, cfg.backbone.img_size),
-        "trained (triplet)": embed_images_in_process(images, trained, cfg.backbone.img_size),
+        "trained (multi-similarity)": embed_images_in_process(images, trained, cfg.backbone.img_size),
     }
     rows = []
     for name, vectors in candidates.items():

@@ -1,9 +1,11 @@
 """Retrieval metrics: Recall@k and MAP@R, query/gallery or leave-one-out, computed in chunks with FAISS.
 
-Memory stays bounded by ``chunk_size x depth`` (ids and scores of the retrieved lists), never by
-``N x N``: queries are searched a chunk at a time against an exact FAISS index of the gallery, where
-``depth`` is the largest of ``max(ks)`` and R (the number of relevant gallery items of the query's class,
-needed for MAP@R).
+Memory stays bounded by the gallery (one copy inside the FAISS index) plus ``chunk_size x depth`` (ids
+and scores of the retrieved lists, and the per-rank arrays of the vectorised metrics), never by ``N x N``:
+queries are searched a chunk at a time against an exact FAISS index of the gallery, where ``depth`` is the
+largest of ``max(ks)`` and R (the number of relevant gallery items of the query's class, needed for MAP@R),
+capped by ``max_depth``. 100k x 512 float32 embeddings (leave-one-out) stay well under 1 GiB peak RSS;
+``benchmarks/retrieval_memory.py`` measures it beside the naive N x N computation.
 
 Definitions (as in the metric-learning literature):
 - Recall@k: share of queries with at least one item of the same label among their top k.
@@ -25,6 +27,15 @@ def _label_codes(*arrays: Sequence[Any]) -> list[np.ndarray]:
     for arr in arrays:
         out.append(np.array([vocab.setdefault(x, len(vocab)) for x in arr], dtype=np.int64))
     return out
+
+
+def _drop_own_rows(idx: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """Remove each query's own id from its list of ``depth + 1`` (it may not be first when duplicates
+    tie); where it is absent, the last (farthest) entry goes instead, so every row keeps ``depth``."""
+    keep = idx != own[:, None]
+    absent = keep.all(axis=1)
+    keep[absent, -1] = False
+    return idx[keep].reshape(len(idx), idx.shape[1] - 1)
 
 
 def retrieval_metrics(
@@ -65,27 +76,25 @@ def retrieval_metrics(
     ap_sum = 0.0
     truncated = 0
     evaluated = 0
+    ranks = np.arange(1, depth + 1)
     for start in range(0, len(q), chunk_size):
         stop = min(start + chunk_size, len(q))
         _, idx = index.search(q[start:stop], depth + (1 if leave_one_out else 0))
         if leave_one_out:
-            # drop each query's own row (it may not be at rank 0 when duplicates tie)
-            own = np.arange(start, stop)[:, None]
-            keep = idx != own
-            idx = np.array([row[m][:depth] for row, m in zip(idx, keep, strict=True)])
-        rel = g_codes[idx] == q_codes[start:stop, None]  # (chunk, depth) booleans
+            idx = _drop_own_rows(idx, np.arange(start, stop))
+        # FAISS pads with -1 when the gallery is shorter than the list; -1 never matches a label code.
+        rel = np.where(idx >= 0, g_codes[np.maximum(idx, 0)], -1) == q_codes[start:stop, None]
         for k in ks:
             hits[k] += int(rel[:, :k].any(axis=1).sum())
         r = relevant[start:stop]
-        for row, r_i in zip(rel, r, strict=True):
-            if r_i <= 0:
-                continue  # a query with no relevant item has no defined MAP@R
-            evaluated += 1
-            r_eff = min(int(r_i), depth)
-            truncated += int(r_i > depth)
-            top = row[:r_eff]
-            precision = np.cumsum(top) / np.arange(1, r_eff + 1)
-            ap_sum += float((precision * top).sum() / r_i)
+        has_relevant = r > 0  # a query with no relevant item has no defined MAP@R
+        r_eff = np.minimum(r, depth)
+        within_r = ranks[None, :] <= r_eff[:, None]
+        precision = np.cumsum(rel, axis=1) / ranks[None, :]
+        ap = (precision * rel * within_r).sum(axis=1) / np.maximum(r, 1)
+        ap_sum += float(ap[has_relevant].sum())
+        evaluated += int(has_relevant.sum())
+        truncated += int((r > depth).sum())
     n = len(q)
     out = {f"recall@{k}": hits[k] / n for k in ks}
     out["map@r"] = ap_sum / max(evaluated, 1)

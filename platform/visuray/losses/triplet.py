@@ -1,24 +1,52 @@
 """Triplet margin loss with online in-batch mining, built from three small parts:
 
 - a *distance* turns a batch of embeddings into an (N, N) distance matrix (cosine or euclidean);
-- a *miner* picks (anchor, positive, negative) index triplets from that matrix and the labels;
-- the *loss* applies ``relu(d(a, p) - d(a, n) + margin)`` to the mined triplets and averages.
+- a *miner* (:mod:`visuray.losses.mining`) picks (anchor, positive, negative) index triplets from that
+  matrix and the labels: batch-all, batch-hard or semi-hard;
+- the *loss* applies ``relu(d(a, p) - d(a, n) + margin)`` to the mined triplets and averages them, over
+  all of them (``reduction="mean"``) or over the ones still violating the margin (``"active"``, the
+  usual choice for batch-all, where most triplets are satisfied and would dilute the gradient).
 
-Other miners (batch-all, semi-hard) return the same :class:`Triplets` and slot into
-:class:`TripletMarginLoss` unchanged; other losses reuse the distances. Everything is vectorised over the
-batch: the (N, N) matrix is per batch (a few hundred rows), never per catalog.
+The margin is a method (:meth:`TripletMarginLoss.triplet_margins`) so that the adaptive triplet loss
+(:mod:`visuray.losses.adaptive_triplet`) changes only that. Everything is vectorised over the batch: the
+(N, N) matrix is per batch (a few hundred rows), never per catalog.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from visuray.losses.mining import (
+    MINERS,
+    BatchAllMiner,
+    BatchHardMiner,
+    SemiHardMiner,
+    TripletMiner,
+    Triplets,
+    label_masks,
+)
+
+__all__ = [
+    "DISTANCES",
+    "MINERS",
+    "BatchAllMiner",
+    "BatchHardMiner",
+    "DistanceName",
+    "SemiHardMiner",
+    "TripletMarginLoss",
+    "Triplets",
+    "cosine_distance_matrix",
+    "distance_matrix",
+    "euclidean_distance_matrix",
+    "label_masks",
+]
+
 DistanceName = Literal["cosine", "euclidean"]
+Reduction = Literal["mean", "active"]
 
 # Below this squared distance the euclidean gradient (1 / 2 sqrt(x)) is replaced by 0: identical
 # embeddings (an anchor with itself, or a duplicate image) would otherwise produce inf/NaN gradients.
@@ -43,59 +71,25 @@ DISTANCES = {"cosine": cosine_distance_matrix, "euclidean": euclidean_distance_m
 
 
 def distance_matrix(embeddings: torch.Tensor, distance: DistanceName) -> torch.Tensor:
-    if distance not in DISTANCES:
-        raise ValueError(f"unknown distance {distance!r}; use one of {sorted(DISTANCES)}")
+    check_distance(distance)
     return DISTANCES[distance](embeddings)
 
 
-@dataclass
-class Triplets:
-    """Mined triplets as three aligned index tensors into the batch."""
-
-    anchor: torch.Tensor
-    positive: torch.Tensor
-    negative: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.anchor.numel())
+def check_distance(distance: str) -> None:
+    if distance not in DISTANCES:
+        raise ValueError(f"unknown distance {distance!r}; use one of {sorted(DISTANCES)}")
 
 
-class TripletMiner(Protocol):
-    def __call__(self, distances: torch.Tensor, labels: torch.Tensor) -> Triplets: ...
-
-
-def label_masks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positive, negative) boolean (N, N) masks: same label but not itself, and different label."""
-    same = labels[:, None] == labels[None, :]
-    itself = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-    return same & ~itself, ~same
-
-
-class BatchHardMiner:
-    """For each anchor: its farthest positive and its nearest negative (Hermans et al., 2017).
-
-    Anchors without a positive or without a negative in the batch are left out; mining happens without
-    gradient, the loss recomputes the chosen distances with gradient.
-    """
-
-    def __call__(self, distances: torch.Tensor, labels: torch.Tensor) -> Triplets:
-        with torch.no_grad():
-            positive, negative = label_masks(labels)
-            valid = positive.any(dim=1) & negative.any(dim=1)
-            hardest_positive = distances.masked_fill(~positive, float("-inf")).argmax(dim=1)
-            hardest_negative = distances.masked_fill(~negative, float("inf")).argmin(dim=1)
-            anchor = torch.nonzero(valid).flatten()
-        return Triplets(anchor, hardest_positive[anchor], hardest_negative[anchor])
-
-
-MINERS: dict[str, type] = {"batch_hard": BatchHardMiner}
+def zero_loss(embeddings: torch.Tensor) -> torch.Tensor:
+    """A zero that still has a gradient path, so every DDP/DeepSpeed rank runs the same backward."""
+    return embeddings.sum() * 0.0
 
 
 class TripletMarginLoss(nn.Module):
-    """Mean of ``relu(d(a, p) - d(a, n) + margin)`` over the triplets the miner picks from each batch.
+    """Average of ``relu(d(a, p) - d(a, n) + margin)`` over the triplets the miner picks from each batch.
 
-    A batch without any valid triplet (a single class, or only singletons) gives a zero loss that still
-    has a gradient path to the embeddings, so every DDP rank runs the same backward pass.
+    A batch without any valid (or, with ``reduction="active"``, any active) triplet gives a zero loss
+    that still has a gradient path to the embeddings.
     """
 
     def __init__(
@@ -103,21 +97,37 @@ class TripletMarginLoss(nn.Module):
         margin: float = 0.2,
         distance: DistanceName = "cosine",
         miner: TripletMiner | None = None,
+        reduction: Reduction = "mean",
     ) -> None:
         super().__init__()
-        if distance not in DISTANCES:
-            raise ValueError(f"unknown distance {distance!r}; use one of {sorted(DISTANCES)}")
+        check_distance(distance)
+        if reduction not in ("mean", "active"):
+            raise ValueError(f"unknown reduction {reduction!r}; use 'mean' or 'active'")
         self.margin = margin
         self.distance = distance
         self.miner = miner if miner is not None else BatchHardMiner()
-        self.last_num_triplets = 0  # for logging: how many triplets the last batch produced
+        self.reduction = reduction
+        self.last_num_tuples = 0  # for logging: how many triplets the last batch produced
+        self.last_active_fraction = 0.0  # share of those still violating the margin
+
+    def triplet_margins(self, triplets: Triplets, labels: torch.Tensor) -> torch.Tensor | float:
+        """The margin of each triplet (a constant here; per-triplet in the adaptive loss)."""
+        return self.margin
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         distances = distance_matrix(embeddings, self.distance)
         triplets = self.miner(distances, labels)
-        self.last_num_triplets = len(triplets)
+        self.last_num_tuples = len(triplets)
         if len(triplets) == 0:
-            return embeddings.sum() * 0.0
+            self.last_active_fraction = 0.0
+            return zero_loss(embeddings)
         ap = distances[triplets.anchor, triplets.positive]
         an = distances[triplets.anchor, triplets.negative]
-        return F.relu(ap - an + self.margin).mean()
+        hinge = F.relu(ap - an + self.triplet_margins(triplets, labels))
+        active = hinge.detach() > 0
+        self.last_active_fraction = float(active.float().mean())
+        if self.reduction == "active":
+            if not active.any():
+                return zero_loss(embeddings)
+            return hinge[active].mean()
+        return hinge.mean()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -107,6 +108,23 @@ def wants_bf16(precision: str) -> bool:
     return precision == "bf16" or (precision == "auto" and torch.cuda.is_available())
 
 
+def disable_cpu_shm_comm() -> None:
+    """On CPU, keep DeepSpeed on plain gloo instead of JIT-compiling its shared-memory comm extension.
+
+    The extension is compiled on first use into ``~/.cache/torch_extensions`` (one to four minutes on a
+    small machine), and processes that compute different compiler flags rebuild it over each other's
+    copy, so every run can pay the compile again. gloo alone is correct and fast enough for CPU runs;
+    set ``VISURAY_DEEPSPEED_SHM=1`` to let DeepSpeed build and use it anyway. DeepSpeed documents
+    ``deepspeed.ops.__compatible_ops__`` as one cached dict whose edits persist.
+    """
+    import deepspeed.ops
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("VISURAY_DEEPSPEED_SHM") == "1":
+        return
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]) -> Any:
     """Wrap ``model`` and its (client) optimizer in a DeepSpeed engine over the existing process group.
 
@@ -121,6 +139,7 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: 
         raise RuntimeError(
             "build_engine needs a torch.distributed process group (run it in a Ray Train worker)"
         )
+    disable_cpu_shm_comm()
     deepspeed.init_distributed(dist_backend=dist.get_backend())
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine

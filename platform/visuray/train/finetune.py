@@ -1,13 +1,18 @@
-"""Metric fine-tuning of an embedding model on Ray Train (triplet loss, online mining, P x K batches).
+"""Metric fine-tuning of an embedding model on Ray Train + DeepSpeed (triplet with online mining, the
+adaptive triplet loss, multi-similarity or contrastive; P x K batches).
 
 The driver (:func:`run_finetune`) builds a ``TorchTrainer`` around :func:`train_loop_per_worker`, a plain
-loop that every worker runs: read the catalog, build the model, restore the latest Ray Train checkpoint if
-the run has one, then step, log, report and checkpoint. After ``fit()`` the weights of the last checkpoint
-are published as a model artifact (:func:`visuray.checkpoint.save_model`).
+loop that every worker runs: read the catalog (and, for the adaptive triplet loss, derive fine-grained
+classes from its titles), build the model (random init, or the backbone of ``init_from``, e.g. a DINO
+checkpoint), optionally freeze its first blocks, wrap it in a DeepSpeed engine at ``deepspeed.zero_stage``
+(fp32 over gloo on CPU, bf16 on GPU), restore the latest Ray Train checkpoint if the run has one, then
+step, log, report and checkpoint. After ``fit()`` the consolidated fp32 weights of the last checkpoint are
+published as a model artifact (:func:`visuray.checkpoint.save_model`): what the index and Serve load.
 
 Resuming: a run is identified by ``run_dir`` + ``name``. Running the job again with the same two (for
 example with more ``train.steps``) restores Ray Train's checkpoint manager from that folder, and the loop
-continues from the latest checkpoint: weights, optimizer state and step. The data order is a function of
+continues from the latest checkpoint: the engine's weights and optimizer state (ZeRO shards per rank, so
+with the same number of workers and ZeRO stage) and the step. The data order is a function of
 (seed, step), so a resumed run sees the batches the uninterrupted run would have seen.
 """
 
@@ -28,6 +33,7 @@ from pydantic import Field, model_validator
 from visuray.config import StrictModel
 from visuray.models.embedding import EmbeddingModelConfig
 from visuray.storage import StorageOptions, get_filesystem, is_remote
+from visuray.train.deepspeed_engine import DeepSpeedSection
 
 if TYPE_CHECKING:
     import ray.train
@@ -41,10 +47,11 @@ log = logging.getLogger(__name__)
 CKPT_WEIGHTS = "model.safetensors"
 CKPT_OPTIMIZER = "optimizer.pt"
 CKPT_STATE = "train_state.json"
+CKPT_ENGINE_DIR = "engine"  # DeepSpeed's files: every rank's shards of module and optimizer state
 
 
 class TrainSection(StrictModel):
-    """Optimisation and bookkeeping of the loop."""
+    """Optimisation, batches and bookkeeping of the loop."""
 
     steps: int = Field(1000, ge=1, description="optimizer steps in total (a resumed run continues to this)")
     p: int = Field(
@@ -59,6 +66,14 @@ class TrainSection(StrictModel):
         description="K: items per class; 4 is the usual batch-hard choice (Hermans et al.): enough "
         "positives to mine from, while most product classes have at least 4 photos",
     )
+    single_category_prob: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="share of batches whose P classes all come from one product category (hard "
+        "negatives). 0 = plain P x K; ~0.5 once the embedding separates categories. The category is the "
+        "catalog's category column, or, for the adaptive triplet loss, the coarse label",
+    )
     lr: float = Field(3e-4, gt=0, description="peak AdamW learning rate; 3e-4 suits ViT-tiny at P*K=32-64")
     min_lr: float = Field(1e-6, ge=0, description="end of the cosine decay (DINO's choice)")
     weight_decay: float = Field(
@@ -70,14 +85,24 @@ class TrainSection(StrictModel):
     clip_grad_norm: float | None = Field(
         3.0, gt=0, description="gradient-norm clip (DINO uses 3.0); guards against hard-triplet spikes"
     )
-    margin: float = Field(
-        0.2, ge=0, description="triplet margin; 0.2 on cosine distance (range [0, 2]) is a common start"
+    freeze_blocks: int = Field(
+        0,
+        ge=0,
+        description="freeze the patch embedding and the first N transformer blocks for the whole run: "
+        "keeps generic low-level features of a pretrained backbone and saves their gradients. 0 = none",
     )
-    distance: Literal["cosine", "euclidean"] = Field(
-        "cosine", description="cosine matches the inner-product index the embeddings are served from"
+    freeze_backbone_steps: int = Field(
+        0,
+        ge=0,
+        description="train only the embedding head (backbone learning rate 0) for the first N steps, so a "
+        "fresh random projection does not send large gradients into a pretrained backbone. 0 = never",
     )
-    miner: Literal["batch_hard"] = Field(
-        "batch_hard", description="online in-batch mining; batch-hard is strong with P x K batches"
+    layer_decay: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="layer-wise learning-rate decay: block i of L gets lr * decay^(L + 1 - i), the head "
+        "the full lr. 0.65-0.75 is usual when fine-tuning a pretrained ViT (BEiT, MAE); None = one lr",
     )
     checkpoint_every: int = Field(
         200, ge=1, description="steps between Ray Train checkpoints (the last step is always saved)"
@@ -102,10 +127,75 @@ class TrainSection(StrictModel):
         return self
 
 
+class LossSection(StrictModel):
+    """Which metric objective, and its knobs (each used only by the losses named in its description)."""
+
+    name: Literal["triplet", "adaptive_triplet", "multi_similarity", "contrastive"] = Field(
+        "multi_similarity",
+        description="multi_similarity learns from random init on the bundled sample, where batch-hard "
+        "triplets collapse (see benchmarks/README.md); triplet/adaptive_triplet suit a pretrained backbone",
+    )
+    distance: Literal["cosine", "euclidean"] = Field(
+        "cosine",
+        description="triplet, adaptive_triplet, contrastive: cosine matches the inner-product index the "
+        "embeddings are served from (multi_similarity is defined on cosine similarity only)",
+    )
+    miner: Literal["batch_all", "batch_hard", "semi_hard"] = Field(
+        "batch_all",
+        description="triplet, adaptive_triplet: in-batch mining. batch_all (averaged over active "
+        "triplets) is stable from random init; batch_hard is stronger on a pretrained backbone but can "
+        "collapse from scratch; semi_hard sits between",
+    )
+    margin: float = Field(
+        0.2,
+        ge=0,
+        description="triplet: the margin; adaptive_triplet: the margin between the closest classes. 0.2 "
+        "on cosine distance (range [0, 2]) is a common start",
+    )
+    margin_scale: float = Field(
+        0.2,
+        ge=0,
+        description="adaptive_triplet: margin = margin + margin_scale * semantic distance (in [0, 1]), so "
+        "textually unrelated negatives must be up to 0.2 farther than near-duplicates",
+    )
+    ms_alpha: float = Field(2.0, gt=0, description="multi_similarity: positive-pair scale (the paper's 2)")
+    ms_beta: float = Field(50.0, gt=0, description="multi_similarity: negative-pair scale (the paper's 50)")
+    ms_base: float = Field(
+        0.5, description="multi_similarity: similarity threshold between pulled and pushed pairs (0.5)"
+    )
+    pos_margin: float = Field(
+        0.0, ge=0, description="contrastive: positive pairs closer than this cost nothing (0: pull fully)"
+    )
+    neg_margin: float = Field(
+        0.5, ge=0, description="contrastive: negative pairs farther than this cost nothing; 0.5 on cosine"
+    )
+
+
+class WeakLabelSection(StrictModel):
+    """Fine-grained classes from title text, for the adaptive triplet loss (see visuray.weak_labels)."""
+
+    target_size: int = Field(
+        16, ge=2, description="intended items per fine class: about 4 P x K draws (K=4) before repeats"
+    )
+    min_size: int = Field(
+        4, ge=1, description="smaller title clusters are merged into the nearest one; K items must exist"
+    )
+
+
+class FinetuneDeepSpeedSection(DeepSpeedSection):
+    """DeepSpeed for fine-tuning: ZeRO-1 by default (see the field)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        1,
+        description="fine-tuned embedding models are small: ZeRO-1 (optimizer state sharded) already "
+        "removes most of the redundant memory, without ZeRO-2/3's extra communication per step",
+    )
+
+
 class ScalingSection(StrictModel):
     """How many Ray Train workers, on what."""
 
-    num_workers: int = Field(1, ge=1, description="data-parallel workers (DDP); one per GPU on a cluster")
+    num_workers: int = Field(1, ge=1, description="data-parallel workers; one per GPU on a cluster")
     use_gpu: bool = Field(False, description="one GPU per worker; False runs everywhere, including CI")
     cpus_per_worker: float = Field(
         1, gt=0, description="CPUs reserved per worker; raise it with train.data_workers on real nodes"
@@ -137,6 +227,9 @@ class FinetuneConfig(StrictModel):
     )
     model: EmbeddingModelConfig = Field(default_factory=EmbeddingModelConfig)
     train: TrainSection = Field(default_factory=TrainSection)
+    loss: LossSection = Field(default_factory=LossSection)
+    weak_labels: WeakLabelSection = Field(default_factory=WeakLabelSection)
+    deepspeed: FinetuneDeepSpeedSection = Field(default_factory=FinetuneDeepSpeedSection)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
 
 
@@ -184,6 +277,145 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[s
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_loss(cfg: LossSection, semantic_distances: Any = None) -> nn.Module:
+    """The metric loss named by ``cfg`` (``semantic_distances``: the fine classes' (C, C), for ATL)."""
+    from visuray.losses import AdaptiveTripletLoss, ContrastiveLoss, MultiSimilarityLoss, TripletMarginLoss
+    from visuray.losses.mining import build_miner
+
+    # Batch-all is averaged over active triplets: most of its triplets are satisfied and would dilute it.
+    reduction = "active" if cfg.miner == "batch_all" else "mean"
+    if cfg.name == "triplet":
+        return TripletMarginLoss(cfg.margin, cfg.distance, build_miner(cfg.miner), reduction)
+    if cfg.name == "adaptive_triplet":
+        if semantic_distances is None:
+            raise ValueError("adaptive_triplet needs the semantic distances of the weak fine-grained classes")
+        return AdaptiveTripletLoss(
+            semantic_distances, cfg.margin, cfg.margin_scale, cfg.distance, build_miner(cfg.miner), reduction
+        )
+    if cfg.name == "multi_similarity":
+        return MultiSimilarityLoss(cfg.ms_alpha, cfg.ms_beta, cfg.ms_base)
+    return ContrastiveLoss(cfg.pos_margin, cfg.neg_margin, cfg.distance)
+
+
+@dataclass
+class TrainingLabels:
+    """What the sampler and the loss see: one class and one category per catalog row."""
+
+    labels: list[int]
+    categories: list[int]
+    semantic_distances: Any = None  # (C, C) numpy array for the adaptive triplet loss
+    names: list[str] | None = None
+
+
+def training_labels(dataset: Any, cfg: FinetuneConfig) -> TrainingLabels:
+    """The catalog's labels and categories, or, for the adaptive triplet loss, fine-grained classes from
+    the titles within each coarse label (which then plays the category)."""
+    if cfg.loss.name != "adaptive_triplet":
+        return TrainingLabels(list(dataset.labels), list(dataset.categories))
+    from visuray.weak_labels import fine_grained_classes
+
+    weak = fine_grained_classes(
+        dataset.labels,
+        dataset.titles,
+        dataset.label_names,
+        target_size=cfg.weak_labels.target_size,
+        min_size=cfg.weak_labels.min_size,
+        seed=cfg.train.seed,
+    )
+    return TrainingLabels(weak.labels.tolist(), list(dataset.labels), weak.semantic_distances, weak.names)
+
+
+def build_sampler(labels: TrainingLabels, tc: TrainSection, rank: int, world_size: int) -> Any:
+    from visuray.samplers import CategoryBalancedSampler, PKSampler
+
+    if tc.single_category_prob > 0:
+        return CategoryBalancedSampler(
+            labels.labels, labels.categories, tc.p, tc.k, tc.single_category_prob, seed=tc.seed, rank=rank,
+            world_size=world_size,
+        )  # fmt: skip
+    return PKSampler(labels.labels, tc.p, tc.k, seed=tc.seed, rank=rank, world_size=world_size)
+
+
+def _vit_blocks(backbone: nn.Module, what: str) -> int:
+    blocks = getattr(backbone, "blocks", None)
+    if blocks is None:
+        raise ValueError(
+            f"{what} needs a backbone with transformer blocks (a timm ViT), not {type(backbone)}"
+        )
+    return len(blocks)
+
+
+def layer_id(name: str, num_blocks: int) -> int:
+    """Depth of a parameter of the embedding model: 0 for the ViT stem (patch embedding, tokens,
+    positions), i + 1 for ``blocks.i``, ``num_blocks + 1`` for the final norm and the projection."""
+    if not name.startswith("backbone."):
+        return num_blocks + 1
+    name = name[len("backbone.") :]
+    if name.startswith(("patch_embed", "cls_token", "pos_embed", "reg_token")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_blocks + 1
+
+
+def freeze_first_blocks(backbone: nn.Module, num_blocks: int) -> None:
+    """``requires_grad=False`` for the stem and the first ``num_blocks`` blocks of a timm ViT."""
+    total = _vit_blocks(backbone, "train.freeze_blocks")
+    if num_blocks > total:
+        raise ValueError(f"train.freeze_blocks={num_blocks} but the backbone has only {total} blocks")
+    for name, param in backbone.named_parameters():
+        if layer_id("backbone." + name, total) <= num_blocks:
+            param.requires_grad_(False)
+
+
+@dataclass
+class ParamGroupInfo:
+    """Per optimizer group: its learning-rate multiplier and whether it belongs to the backbone."""
+
+    lr_scale: float
+    backbone: bool
+
+
+def finetune_param_groups(
+    model: nn.Module, weight_decay: float, layer_decay: float | None
+) -> tuple[list[dict[str, Any]], list[ParamGroupInfo]]:
+    """AdamW groups: decay on matrices only (as :func:`optimizer_param_groups`), split by depth when
+    ``layer_decay`` is set. Frozen parameters are left out. The info list is parallel to the groups
+    (kept beside them: optimizer wrappers need not preserve extra keys in their groups)."""
+    if layer_decay is None:
+        groups = {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                key = (name.startswith("backbone."), param.ndim >= 2)
+                groups.setdefault(key, []).append(param)
+        items = [((bb, dec), 1.0, params) for (bb, dec), params in sorted(groups.items())]
+    else:
+        num_blocks = _vit_blocks(model.backbone, "train.layer_decay")
+        groups = {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                depth = layer_id(name, num_blocks)
+                key = (name.startswith("backbone."), param.ndim >= 2, depth)
+                groups.setdefault(key, []).append(param)
+        items = [
+            ((bb, dec), layer_decay ** (num_blocks + 1 - depth), params)
+            for (bb, dec, depth), params in sorted(groups.items())
+        ]
+    param_groups, info = [], []
+    for (backbone, decay), scale, params in items:
+        param_groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0})
+        info.append(ParamGroupInfo(scale, backbone))
+    return param_groups, info
+
+
+def set_learning_rates(
+    param_groups: list[dict[str, Any]], info: list[ParamGroupInfo], lr: float, backbone_frozen: bool
+) -> None:
+    """Each group's lr for this step; a frozen backbone gets 0 (AdamW then leaves it exactly as is)."""
+    for group, meta in zip(param_groups, info, strict=True):
+        group["lr"] = 0.0 if (backbone_frozen and meta.backbone) else lr * meta.lr_scale
+
+
 def mean_across_ranks(value: torch.Tensor) -> float:
     """The mean of a scalar over all ranks (guarded: a single process needs no process group)."""
     import torch.distributed as dist
@@ -205,6 +437,7 @@ class TrainState:
 
 
 def save_train_checkpoint(directory: str, model: nn.Module, optimizer: Any, step: int, loss: float) -> None:
+    """A plain (non-DeepSpeed) checkpoint: weights, optimizer state and step (used by other jobs' loops)."""
     import torch
 
     from visuray.checkpoint import state_dict_bytes
@@ -215,7 +448,8 @@ def save_train_checkpoint(directory: str, model: nn.Module, optimizer: Any, step
 
 
 def load_train_checkpoint(checkpoint: ray.train.Checkpoint, model: nn.Module) -> TrainState:
-    """Load the weights into ``model`` (strictly) and return the step, last loss and optimizer state."""
+    """Load the weights into ``model`` (strictly) and return the step, last loss and optimizer state
+    (None when the checkpoint holds none, as the DeepSpeed checkpoints of this job do)."""
     import torch
 
     from visuray.checkpoint import load_state_dict_strict, tensors_from_bytes
@@ -231,6 +465,53 @@ def load_train_checkpoint(checkpoint: ray.train.Checkpoint, model: nn.Module) ->
         )
         state = json.loads(Path(directory, CKPT_STATE).read_text())
     return TrainState(step=int(state["step"]), loss=state.get("loss"), optimizer=optimizer)
+
+
+def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor]:
+    """The module's complete fp32 state dict at any ZeRO stage and precision (a collective: every rank
+    calls it). Frozen parameters under ZeRO-3 have no master copy and keep their module value."""
+    from visuray.train.deepspeed_engine import full_fp32_param
+
+    module = engine.module
+    tensors = {}
+    for name, param in module.named_parameters():
+        value = full_fp32_param(param)
+        tensors[name] = (value if value is not None else param.detach().float()).cpu().contiguous().clone()
+    for name, buffer in module.state_dict().items():
+        tensors.setdefault(name, buffer.detach().cpu().contiguous().clone())
+    return tensors
+
+
+def save_finetune_checkpoint(directory: str, engine: Any, state: dict[str, Any], rank: int) -> None:
+    """Every rank writes its DeepSpeed shards; rank 0 also the consolidated fp32 weights (what the
+    driver publishes) and the step. A collective."""
+    from safetensors.torch import save
+
+    from visuray.train.deepspeed_engine import save_engine_checkpoint
+
+    save_engine_checkpoint(engine, Path(directory, CKPT_ENGINE_DIR))
+    weights = consolidated_state_dict(engine)
+    if rank == 0:
+        Path(directory, CKPT_WEIGHTS).write_bytes(save(weights))
+        Path(directory, CKPT_STATE).write_text(json.dumps(state))
+
+
+def restore_finetune_checkpoint(
+    checkpoint: ray.train.Checkpoint, engine: Any, world_size: int, zero_stage: int
+) -> dict[str, Any]:
+    """Load the engine's module and optimizer state; return the saved state (step, loss, ...)."""
+    from visuray.train.deepspeed_engine import load_engine_checkpoint
+
+    with checkpoint.as_directory() as directory:
+        state = json.loads(Path(directory, CKPT_STATE).read_text())
+        if state.get("world_size") != world_size or state.get("zero_stage") != zero_stage:
+            raise RuntimeError(
+                f"checkpoint {checkpoint.path} was written by {state.get('world_size')} worker(s) at ZeRO "
+                f"stage {state.get('zero_stage')}; this run has {world_size} at stage {zero_stage}. Resume "
+                "with the same scaling.num_workers and deepspeed.zero_stage (ZeRO shards are per rank)"
+            )
+        load_engine_checkpoint(engine, Path(directory, CKPT_ENGINE_DIR))
+    return state
 
 
 def endless_batches(loader: Any, sampler: Any, start_step: int) -> Any:
@@ -256,68 +537,84 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     from visuray.catalog.readers import CatalogTorchDataset
     from visuray.checkpoint import load_backbone_weights
-    from visuray.losses.triplet import MINERS, TripletMarginLoss
     from visuray.models.embedding import build_embedding_model
-    from visuray.samplers import PKSampler
+    from visuray.train.deepspeed_engine import (
+        build_engine,
+        engine_dtype,
+        resolve_deepspeed_config,
+        wants_bf16,
+    )
+    from visuray.train.deepspeed_engine import (
+        optimizer_param_groups as engine_param_groups,
+    )
 
-    cfg = FinetuneConfig.model_validate(config)
+    cfg = FinetuneConfig.model_validate(config["job"])
     tc = cfg.train
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(tc.seed)
+    torch.manual_seed(tc.seed)  # the same initial weights on every rank
 
     # ---------------- data ----------------
     dataset = CatalogTorchDataset(
         cfg.catalog, cfg.storage, transform=train_transform(cfg.model.backbone.img_size), as_tuple=True
     )
-    sampler = PKSampler(dataset.labels, tc.p, tc.k, seed=tc.seed, rank=rank, world_size=world_size)
+    labels = training_labels(dataset, cfg)
+    # The loader yields (image, dataset.labels[i]): for the adaptive triplet loss, the fine classes.
+    dataset.labels = labels.labels
+    sampler = build_sampler(labels, tc, rank, world_size)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=tc.data_workers)
 
-    # ---------------- model, optimizer, restore ----------------
+    # ---------------- model, engine, restore ----------------
     model = build_embedding_model(cfg.model)
     checkpoint = ray.train.get_checkpoint()
-    state = load_train_checkpoint(checkpoint, model) if checkpoint else TrainState()
     if checkpoint is None and cfg.init_from:
         load_backbone_weights(model.backbone, cfg.init_from, cfg.storage)
-    model = ray.train.torch.prepare_model(model)  # moves to the device; wraps in DDP when world_size > 1
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model, tc.weight_decay), lr=tc.lr)
-    if state.optimizer is not None:
-        optimizer.load_state_dict(state.optimizer)
-    loss_fn = TripletMarginLoss(margin=tc.margin, distance=tc.distance, miner=MINERS[tc.miner]())
+    if tc.freeze_blocks:
+        freeze_first_blocks(model.backbone, tc.freeze_blocks)
+    groups, group_info = finetune_param_groups(model, tc.weight_decay, tc.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=tc.lr)
+    bf16 = wants_bf16(cfg.deepspeed.precision)
+    ds_config = resolve_deepspeed_config(config["deepspeed"], sampler.batch_size, tc.clip_grad_norm, bf16)
+    engine = build_engine(model, optimizer, ds_config)
+    input_dtype = engine_dtype(engine)
+    param_groups = engine_param_groups(engine)
+    state: dict[str, Any] = {"step": 0, "loss": None}
+    if checkpoint is not None:
+        state = restore_finetune_checkpoint(checkpoint, engine, world_size, cfg.deepspeed.zero_stage)
+    loss_fn = build_loss(cfg.loss, labels.semantic_distances).to(device)
     schedule = lr_schedule(tc.lr, tc.min_lr, tc.steps, tc.warmup_steps)
     if rank == 0:
-        origin = f"resuming at step {state.step}" if checkpoint else "starting at step 0"
+        origin = f"resuming at step {state['step']}" if checkpoint else "starting at step 0"
         log.info(
-            "%s of %d; %d items, %d classes, P x K = %d x %d, %d worker(s) on %s",
+            "%s of %d; %d items, %d classes, P x K = %d x %d, loss %s, ZeRO-%d, %d worker(s) on %s",
             origin,
             tc.steps,
             len(dataset),
             sampler.num_classes,
             tc.p,
             tc.k,
+            cfg.loss.name,
+            cfg.deepspeed.zero_stage,
             world_size,
             device,
         )
 
     # ---------------- loop ----------------
-    start_step, step, last_loss = state.step, state.step, state.loss
+    start_step, step, last_loss = int(state["step"]), int(state["step"]), state.get("loss")
     history: list[dict[str, float]] = []
     batches = endless_batches(loader, sampler, start_step)
     loss_sum, loss_count, started = torch.zeros((), device=device), 0, time.monotonic()
-    model.train()
+    engine.train()
     while step < tc.steps:
-        images, labels = next(batches)
+        images, batch_labels = next(batches)
         lr = schedule[step]
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        embeddings = model(images.to(device, non_blocking=True))
-        loss = loss_fn(embeddings, labels.to(device, non_blocking=True))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.clip_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad_norm)
-        optimizer.step()
+        set_learning_rates(param_groups, group_info, lr, backbone_frozen=step < tc.freeze_backbone_steps)
+        embeddings = engine(images.to(device, dtype=input_dtype, non_blocking=True))
+        # The loss in fp32: bf16 distances near the margin would round most hinges to 0 or the margin.
+        loss = loss_fn(embeddings.float(), batch_labels.to(device, non_blocking=True))
+        engine.backward(loss)
+        engine.step()  # clips to train.clip_grad_norm (DeepSpeed's gradient_clipping) and zeroes grads
         step += 1
         loss_sum += loss.detach()
         loss_count += 1
@@ -325,7 +622,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         save = step % tc.checkpoint_every == 0 or step == tc.steps
         if not (save or step % tc.log_every == 0):
             continue
-        # Every rank reaches this point at the same steps: report() is a barrier across workers.
+        # Every rank reaches this point at the same steps: report() (and saving) are collective.
         last_loss = mean_across_ranks(loss_sum / loss_count)
         elapsed = time.monotonic() - started
         metrics = {
@@ -333,7 +630,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             "start_step": start_step,
             "train/loss": last_loss,
             "train/lr": lr,
-            "train/triplets": loss_fn.last_num_triplets,
+            "train/tuples": loss_fn.last_num_tuples,
             "train/images_per_s": loss_count * sampler.batch_size * world_size / max(elapsed, 1e-9),
         }
         history.append({"step": step, "train/loss": last_loss})
@@ -347,9 +644,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 metrics["train/images_per_s"],
                 " (checkpoint)" if save else "",
             )
-        if save and rank == 0:
+        if save:
+            saved = {
+                "step": step,
+                "loss": last_loss,
+                "world_size": world_size,
+                "zero_stage": cfg.deepspeed.zero_stage,
+            }
             with tempfile.TemporaryDirectory() as directory:
-                save_train_checkpoint(directory, model, optimizer, step, last_loss)
+                save_finetune_checkpoint(directory, engine, saved, rank)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
@@ -378,10 +681,14 @@ def build_trainer(cfg: FinetuneConfig) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from visuray.train.deepspeed_engine import load_deepspeed_config
+
+    # The DeepSpeed JSON is read here, on the driver, where the repository's jobs/configs is at hand.
+    ds_base = load_deepspeed_config(cfg.deepspeed.zero_stage, cfg.deepspeed.config)
     storage_path, storage_filesystem = ray_storage(cfg.run_dir, cfg.storage)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=cfg.model_dump(mode="json"),
+        train_loop_config={"job": cfg.model_dump(mode="json"), "deepspeed": ds_base},
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -426,6 +733,10 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             "train_steps": state.step,
             "final_loss": final_loss,
             "catalog": cfg.catalog,
+            "loss": cfg.loss.name,
+            "miner": cfg.loss.miner if cfg.loss.name in ("triplet", "adaptive_triplet") else None,
+            "init_from": cfg.init_from,
+            "zero_stage": cfg.deepspeed.zero_stage,
         },
         options=cfg.storage,
     )
