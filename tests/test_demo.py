@@ -30,6 +30,9 @@ def test_demo_runs_end_to_end(tmp_path):
     report = (out / "report.html").read_text()
     assert report.count("<figure") == 20 * 6  # each query beside its five neighbours
     assert "raw pixels" in report and "random init" in report
+    # the attribute stage ran, was served over HTTP (/v1/attributes) and is reported against its baseline
+    assert "Attributes (held-out photos)" in report and "pooled baseline" in report
+    assert proc.stdout.count("attributes: ") == 20
     # every artifact of the chain was published (manifest last)
-    for artifact in ("catalog", "model", "index"):
+    for artifact in ("catalog", "model", "index", "attributes/attribute-model"):
         assert (out / artifact / "LATEST").exists(), artifact

@@ -19,6 +19,7 @@ class QueryResult:
     image: bytes
     hits: list[dict[str, Any]]  # item_id, score, label, title as the router returns them
     hit_images: list[bytes] = field(default_factory=list)
+    attributes: list[str] = field(default_factory=list)  # "label score" above each label's threshold
 
 
 def _img_tag(data: bytes, caption: str, ok: bool | None = None) -> str:
@@ -92,11 +93,39 @@ def baseline_table(catalog_uri: str, model_uri: str, model_cfg: dict[str, Any]) 
     return rows
 
 
+def _attribute_section(attributes: dict[str, Any]) -> str:
+    """Macro AUC of the attention model against the pooled baseline, and the ROC plot, inline."""
+    parts = [
+        "<h2>Attributes (held-out photos)</h2><table><tr><th>model</th><th>macro AUC</th><th>micro AUC</th>"
+        "<th>mAP</th></tr>",
+    ]
+    for name, prefix in [("channel attention", ""), ("pooled baseline", "baseline_")]:
+        cells = "".join(
+            f"<td>{attributes[prefix + key]:.3f}</td>"
+            if isinstance(attributes.get(prefix + key), float)
+            else "<td>-</td>"
+            for key in ("mean_auc", "micro_auc", "map")
+        )
+        parts.append(f"<tr><td>{name}</td>{cells}</tr>")
+    parts.append("</table>")
+    too_few = attributes.get("too_few_positives") or []
+    if too_few:
+        parts.append(
+            f"<p>Too few positives to score (not averaged in): {html.escape(', '.join(too_few))}</p>"
+        )
+    roc = attributes.get("roc_png")
+    if roc and Path(roc).exists():
+        b64 = base64.b64encode(Path(roc).read_bytes()).decode()
+        parts.append(f'<img src="data:image/png;base64,{b64}" width="480" alt="ROC curves">')
+    return "".join(parts)
+
+
 def write_report(
     path: str | Path,
     results: list[QueryResult],
     baselines: list[dict[str, Any]] | None = None,
     facts: dict[str, Any] | None = None,
+    attributes: dict[str, Any] | None = None,
     title: str = "Visuray demo report",
 ) -> Path:
     path = Path(path)
@@ -125,6 +154,8 @@ def write_report(
                 f"<td>{row['recall@5']:.3f}</td><td>{row['map@r']:.3f}</td></tr>"
             )
         parts.append("</table>")
+    if attributes:
+        parts.append(_attribute_section(attributes))
     if results:
         agree = sum(r.hits[0]["label"] == r.expected for r in results if r.hits) / len(results)
         parts.append(
@@ -138,6 +169,8 @@ def write_report(
         for hit, data in zip(r.hits, r.hit_images, strict=False):
             caption = f"{hit.get('label')} {hit['score']:.3f}"
             parts.append(_img_tag(data, caption, hit.get("label") == r.expected))
+        if r.attributes:
+            parts.append(f"<div><small>attributes: {html.escape(', '.join(r.attributes))}</small></div>")
         parts.append("</div>")
     parts.append("</body></html>")
     path.write_text("\n".join(parts))
