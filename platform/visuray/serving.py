@@ -218,6 +218,19 @@ def check_index_matches_model(index_meta: Mapping[str, Any], model_meta: Mapping
         )
 
 
+def _serve_http_address(host: str, port: int) -> tuple[str, int]:
+    """Where the running Serve instance really listens: a Serve started earlier keeps its own address."""
+    from ray.serve.context import _get_global_client
+
+    http = _get_global_client().get_serve_details().get("http_options") or {}
+    actual = (str(http.get("host") or host), int(http.get("port") or port))
+    if actual != (host, port):
+        log.warning("Serve was already running on %s:%s; using it instead of %s:%s", *actual, host, port)
+    if actual[0] in ("0.0.0.0", "::"):
+        return "127.0.0.1", actual[1]  # listening on every interface: reach it on loopback
+    return actual
+
+
 def start_serve_app(
     args: ServeAppArgs,
     host: str = "127.0.0.1",
@@ -241,6 +254,7 @@ def start_serve_app(
     logging_config = None if access_log else {"enable_access_log": False, "log_level": "WARNING"}
     serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
     serve.run(build_app(args), name=name, route_prefix="/", blocking=False, logging_config=logging_config)
+    host, port = _serve_http_address(host, port)
     base_url = f"http://{host}:{port}"
     deadline = time.monotonic() + timeout_s
     last_error = ""
