@@ -71,7 +71,7 @@ def _resources_arg(resources: dict[str, float] | None) -> list[str]:
 
 
 def start_head(
-    num_cpus: int = 2, timeout: float = 90.0, resources: dict[str, float] | None = None
+    num_cpus: int = 2, timeout: float = 180.0, resources: dict[str, float] | None = None
 ) -> RayHead:
     ray_bin = str(Path(sys.executable).parent / "ray")
     temp_dir = tempfile.mkdtemp(prefix="vrh-", dir="/tmp")  # short: Ray's socket paths have a length limit
@@ -125,7 +125,7 @@ def start_worker_node(
     num_cpus: int = 1,
     resources: dict[str, float] | None = None,
     object_store_bytes: int = 200 * 1024 * 1024,
-    timeout: float = 90.0,
+    timeout: float = 180.0,
 ) -> RayWorkerNode:
     """Join a second node to ``head`` on this machine: its own temp dir (so :meth:`RayWorkerNode.stop` ends
     only its processes), its own object store, and ``resources`` (e.g. ``{"node_b": 1}``) to place work."""
