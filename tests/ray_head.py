@@ -66,6 +66,18 @@ class RayWorkerNode:
         _stop_process_tree(self.proc, self.temp_dir)
 
 
+def _own_ports() -> list[str]:
+    """Fresh ports for every per-node agent: the test session's embedded cluster (and any other Ray on this
+    machine) already holds the defaults (e.g. the dashboard agent's 52365), and a node whose agent cannot
+    bind never accepts jobs ("No available agent to submit job")."""
+    return [
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+    ]
+
+
 def _resources_arg(resources: dict[str, float] | None) -> list[str]:
     return [f"--resources={json.dumps(resources)}"] if resources else []
 
@@ -79,6 +91,8 @@ def start_head(
     port, dash = free_port(), free_port()
     env = dict(os.environ)
     env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_TRAIN_V2_ENABLED": "1"})
+    # Job entrypoints say `python`, as on any cluster image: make it this environment's interpreter.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.pop("RAY_ADDRESS", None)
     log = open(Path(temp_dir) / "head.log", "wb")  # noqa: SIM115 - lives as long as the process
     proc = subprocess.Popen(
@@ -86,7 +100,8 @@ def start_head(
             ray_bin, "start", "--head", "--block",
             f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
             "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--include-dashboard=true",
-            f"--temp-dir={temp_dir}", f"--ray-client-server-port={free_port()}", *_resources_arg(resources),
+            f"--temp-dir={temp_dir}", f"--ray-client-server-port={free_port()}", *_own_ports(),
+            *_resources_arg(resources),
         ],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )  # fmt: skip
@@ -136,7 +151,7 @@ def start_worker_node(
         [
             ray_bin, "start", "--block", f"--address={head.gcs_address}",
             "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
-            f"--object-store-memory={object_store_bytes}", f"--temp-dir={temp_dir}",
+            f"--object-store-memory={object_store_bytes}", f"--temp-dir={temp_dir}", *_own_ports(),
             *_resources_arg(resources),
         ],
         stdout=log, stderr=subprocess.STDOUT, env=head.client_env(),

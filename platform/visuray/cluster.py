@@ -31,7 +31,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, **kwargs
     env_vars = {"RAY_TRAIN_V2_ENABLED": "1"}
     if address:
         log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address, runtime_env={"env_vars": env_vars}, **kwargs)
+        # Inside a submitted job the job's runtime env (which sets RAY_TRAIN_V2_ENABLED) already applies;
+        # Ray refuses a driver runtime env that repeats its keys.
+        ray.init(address=address, **kwargs)
     else:
         log.info("starting an embedded local Ray cluster")
         ray.init(
