@@ -23,13 +23,18 @@ LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 _ID_SEGMENT = re.compile(r"^(/v1/items)/.+?(/image)?$")
 
 
+_SAFE_ROUTE = re.compile(r"[/A-Za-z0-9_.{}-]{1,64}")
+
+
 def route_label(path: str) -> str:
     """A bounded set of route names for tags: item ids are folded into ``{id}`` (unbounded tag values
     would make one time series per item)."""
     match = _ID_SEGMENT.match(path)
     if match:
         return f"{match.group(1)}/{{id}}{match.group(2) or ''}"
-    return path if path.startswith("/v1/") or path in ("/", "/healthz", "/openapi.json", "/docs") else "other"
+    known = path.startswith("/v1/") or path in ("/", "/healthz", "/openapi.json", "/docs")
+    # Arbitrary client paths (a fuzzer sends control characters) must not become tag values.
+    return path if known and _SAFE_ROUTE.fullmatch(path) else "other"
 
 
 class ServeMetrics:
@@ -62,12 +67,16 @@ class ServeMetrics:
         self._served: dict[str, str] = {}  # component -> version now set to 1
 
     def record(self, path: str, status: int, seconds: float) -> None:
+        """Count one answered request. Metrics never fail a request: a recording error is logged only."""
         route = route_label(path)
         tags = {"route": route, "status": str(status)}
-        self.requests.inc(1, tags=tags)
-        if status >= 400:
-            self.errors.inc(1, tags=tags)
-        self.latency.observe(seconds, tags={"route": route})
+        try:
+            self.requests.inc(1, tags=tags)
+            if status >= 400:
+                self.errors.inc(1, tags=tags)
+            self.latency.observe(seconds, tags={"route": route})
+        except Exception:  # noqa: BLE001 - observability must not turn an answer into a 500
+            log.warning("could not record metrics for %r", route, exc_info=True)
 
     def set_versions(self, versions: Mapping[str, str | None]) -> None:
         """Mark what is served now; a replaced version (an index hot swap) drops to 0."""
