@@ -428,30 +428,12 @@ def evaluate_prepared(
 
 
 def build_trainer(cfg: AttributeTrainConfig, model_cfg: AttributeModelConfig) -> Any:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from visuray.storage import absolute_uri
-    from visuray.train.finetune import ray_storage
+    from visuray.train.ray_job import build_torch_trainer
 
-    storage_path, storage_filesystem = ray_storage(cfg.run_dir, cfg.storage)
     job = cfg.model_copy(update={"catalog": absolute_uri(cfg.catalog)})  # workers have another cwd
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"job": job.model_dump(mode="json"), "model": model_cfg.model_dump(mode="json")},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name=cfg.name,
-            storage_path=storage_path,
-            storage_filesystem=storage_filesystem,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-        ),
-    )
+    loop_config = {"job": job.model_dump(mode="json"), "model": model_cfg.model_dump(mode="json")}
+    return build_torch_trainer(train_loop_per_worker, loop_config, cfg)
 
 
 def summary_metrics(report: dict[str, Any] | None) -> dict[str, Any]:

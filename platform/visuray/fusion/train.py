@@ -39,7 +39,7 @@ from visuray.fusion.datasets import (
 )
 from visuray.fusion.model import FusionModelConfig
 from visuray.storage import StorageOptions
-from visuray.train.finetune import ScalingSection, lr_schedule, ray_storage
+from visuray.train.finetune import ScalingSection, lr_schedule
 
 if TYPE_CHECKING:
     import numpy as np
@@ -660,26 +660,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_trainer(cfg: FusionTrainConfig, tokenizer: TextTokenizer) -> Any:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from visuray.train.ray_job import build_torch_trainer
 
-    storage_path, storage_filesystem = ray_storage(cfg.run_dir, cfg.storage)
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "tokenizer": tokenizer.to_json()},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name=cfg.name,
-            storage_path=storage_path,
-            storage_filesystem=storage_filesystem,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-        ),
-    )
+    loop_config = {"cfg": cfg.model_dump(mode="json"), "tokenizer": tokenizer.to_json()}
+    return build_torch_trainer(train_loop_per_worker, loop_config, cfg)
 
 
 def with_absolute_inputs(cfg: FusionTrainConfig) -> FusionTrainConfig:

@@ -32,7 +32,7 @@ from pydantic import Field, model_validator
 
 from visuray.config import StrictModel
 from visuray.models.embedding import EmbeddingModelConfig
-from visuray.storage import StorageOptions, get_filesystem, is_remote
+from visuray.storage import StorageOptions
 from visuray.train.deepspeed_engine import DeepSpeedSection
 
 if TYPE_CHECKING:
@@ -666,42 +666,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def ray_storage(run_dir: str, options: StorageOptions) -> tuple[str, Any]:
-    """``(storage_path, storage_filesystem)`` for RunConfig: local paths made absolute; s3:// through the
-    same s3fs settings (endpoint, keys) as every other artifact, wrapped for Arrow."""
-    if not is_remote(run_dir):
-        return str(Path(run_dir.removeprefix("file://")).expanduser().absolute()), None
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    fs, path = get_filesystem(run_dir, options)
-    return path, PyFileSystem(FSSpecHandler(fs))
-
-
 def build_trainer(cfg: FinetuneConfig) -> Any:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from visuray.train.deepspeed_engine import load_deepspeed_config
+    from visuray.train.ray_job import build_torch_trainer
 
     # The DeepSpeed JSON is read here, on the driver, where the repository's jobs/configs is at hand.
     ds_base = load_deepspeed_config(cfg.deepspeed.zero_stage, cfg.deepspeed.config)
-    storage_path, storage_filesystem = ray_storage(cfg.run_dir, cfg.storage)
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"job": cfg.model_dump(mode="json"), "deepspeed": ds_base},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name=cfg.name,
-            storage_path=storage_path,
-            storage_filesystem=storage_filesystem,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-        ),
-    )
+    loop_config = {"job": cfg.model_dump(mode="json"), "deepspeed": ds_base}
+    return build_torch_trainer(train_loop_per_worker, loop_config, cfg)
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:

@@ -603,35 +603,22 @@ def tensorboard_dir(cfg: PretrainConfig) -> str | None:
 
 
 def build_trainer(cfg: PretrainConfig) -> Any:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from visuray.catalog.readers import read_catalog_dataset
     from visuray.train.deepspeed_engine import load_deepspeed_config
-    from visuray.train.finetune import ray_storage
+    from visuray.train.ray_job import build_torch_trainer
 
     ds_base = load_deepspeed_config(cfg.deepspeed.zero_stage, cfg.deepspeed.config)
     dataset = read_catalog_dataset(absolute_uri(cfg.catalog), cfg.storage, columns=["image"])
-    storage_path, storage_filesystem = ray_storage(cfg.run_dir, cfg.storage)
-    return TorchTrainer(
+    loop_config = {
+        "job": cfg.model_dump(mode="json"),
+        "deepspeed": ds_base,
+        "tensorboard_dir": tensorboard_dir(cfg),
+    }
+    return build_torch_trainer(
         train_loop_per_worker,
-        train_loop_config={
-            "job": cfg.model_dump(mode="json"),
-            "deepspeed": ds_base,
-            "tensorboard_dir": tensorboard_dir(cfg),
-        },
-        scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker},
-        ),
-        run_config=RunConfig(
-            name=cfg.name,
-            storage_path=storage_path,
-            storage_filesystem=storage_filesystem,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-        ),
+        loop_config,
+        cfg,
+        extra_resources=cfg.scaling.resources_per_worker,
         datasets={"train": dataset},
     )
 
