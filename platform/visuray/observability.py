@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
 log = logging.getLogger(__name__)
 
+# Ray drops a gauge sample that has not been set again within two export intervals (20 s by default), so
+# the served versions are set again on this period for as long as the replica lives.
+VERSION_REFRESH_S = 5.0
 # Seconds; from a cached search (a few ms) to a cold CPU replica (seconds).
 LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 _ID_SEGMENT = re.compile(r"^(/v1/items)/.+?(/image)?$")
@@ -40,7 +45,7 @@ def route_label(path: str) -> str:
 class ServeMetrics:
     """The router's metrics; create one per replica (in its constructor: Ray must be initialised)."""
 
-    def __init__(self) -> None:
+    def __init__(self, version_refresh_s: float = VERSION_REFRESH_S) -> None:
         from ray.serve.metrics import Counter, Gauge, Histogram
 
         self.requests = Counter(
@@ -65,6 +70,14 @@ class ServeMetrics:
             tag_keys=("component", "version"),
         )
         self._served: dict[str, str] = {}  # component -> version now set to 1
+        self._lock = threading.Lock()
+        self._refresher = threading.Thread(
+            target=self._refresh_versions,
+            args=(version_refresh_s,),
+            name="visuray-version-gauge",
+            daemon=True,
+        )
+        self._refresher.start()
 
     def record(self, path: str, status: int, seconds: float) -> None:
         """Count one answered request. Metrics never fail a request: a recording error is logged only."""
@@ -80,14 +93,26 @@ class ServeMetrics:
 
     def set_versions(self, versions: Mapping[str, str | None]) -> None:
         """Mark what is served now; a replaced version (an index hot swap) drops to 0."""
-        for component, version in versions.items():
-            previous = self._served.get(component)
-            if not version or version == previous:
-                continue
-            if previous is not None:
-                self.versions.set(0, tags={"component": component, "version": previous})
-            self.versions.set(1, tags={"component": component, "version": str(version)})
-            self._served[component] = str(version)
+        with self._lock:
+            for component, version in versions.items():
+                previous = self._served.get(component)
+                if not version or version == previous:
+                    continue
+                if previous is not None:
+                    self.versions.set(0, tags={"component": component, "version": previous})
+                self.versions.set(1, tags={"component": component, "version": str(version)})
+                self._served[component] = str(version)
+
+    def _refresh_versions(self, period_s: float) -> None:
+        """Set the served versions again and again: a gauge set once would vanish from the export."""
+        while True:
+            time.sleep(period_s)
+            try:
+                with self._lock:
+                    for component, version in self._served.items():
+                        self.versions.set(1, tags={"component": component, "version": version})
+            except Exception:  # noqa: BLE001 - a metrics hiccup must not end the refresher
+                log.warning("could not refresh the served-version gauge", exc_info=True)
 
 
 def parse_prometheus(text: str, name: str) -> list[tuple[dict[str, str], float]]:
