@@ -72,6 +72,7 @@ def job_config(tmp_path: Path, *overrides: str) -> AttributeTrainConfig:
         "train.warmup_steps=2",
         "train.log_every=1",
         "train.checkpoint_every=5",
+        "train.validate_every=5",
         "eval.min_positives=3",
         "eval.wild_backgrounds=clutter",
         "scaling.max_failures=0",
@@ -96,6 +97,10 @@ def test_train_attributes_learns_and_exports_a_loadable_model(ray_cluster: objec
     assert summary["steps"] == 10 and summary["start_step"] == 0
     losses = [h["train/loss"] for h in summary["history"]]
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    # Validation (what sweeps rank trials by) every train.validate_every steps, on the validation products.
+    validated = [h for h in summary["history"] if "val/macro_auc" in h]
+    assert [h["step"] for h in validated] == [5, 10]
+    assert all(0 <= h[m] <= 1 for h in validated for m in ("val/macro_auc", "val/micro_auc", "val/map"))
     assert sorted(summary["labels"]) == [
         "colour=blue",
         "colour=green",

@@ -140,10 +140,24 @@ def test_pretrain_publishes_teacher_backbone_and_resumes_by_name(ray_cluster, tm
         features = backbone.forward_head(backbone.forward_features(images), pre_logits=True)
         torch.testing.assert_close(model(images), torch.nn.functional.normalize(features, dim=-1))
 
-    # the same name and run_dir continue the run from its last checkpoint
-    second = run_pretrain(pretrain_config(tmp_path, "train.steps=6"))
+    # the same name and run_dir continue the run from its last checkpoint, here with validation on
+    validation = [f"validation.catalog={tmp_path / 'catalog'}", "validation.every=1", "validation.ks=[1,3]"]
+    second = run_pretrain(pretrain_config(tmp_path, "train.steps=6", *validation))
     assert second["start_step"] == 4 and second["steps"] == 6
     assert [h["step"] for h in second["history"]] == [5, 6]
+    assert all({"val/recall@1", "val/recall@3", "val/map@r"} <= set(h) for h in second["history"])
+    # validation embeds exactly as the published model does (the teacher's normalised pooled features)
+    from visuray.catalog.readers import CatalogRows
+    from visuray.evaluation.retrieval import retrieval_metrics
+    from visuray.images import to_model_input
+
+    rows = CatalogRows(str(tmp_path / "catalog"))
+    final, _ = load_embedding_model(str(tmp_path / "model"))
+    with torch.no_grad():
+        vectors = final(to_model_input([rows.image(i) for i in range(len(rows))], 32)).numpy()
+    expected = retrieval_metrics(vectors, rows.labels, ks=(1, 3))
+    assert second["history"][-1]["val/map@r"] == pytest.approx(expected["map@r"], abs=1e-6)
+    assert second["history"][-1]["val/recall@1"] == pytest.approx(expected["recall@1"], abs=1e-6)
 
     metrics = evaluate_ssl_on_catalog(
         str(tmp_path / "model"),

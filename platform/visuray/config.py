@@ -67,9 +67,14 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
     Intermediate mappings are created when missing so that validation (not this function) decides
     whether the key exists: the resulting error then names the full dotted key.
     """
+    return apply_values(data, {item: parse_override(item) for item in overrides})
+
+
+def apply_values(data: Mapping[str, Any], values: Mapping[str, tuple[list[str], Any]]) -> dict[str, Any]:
+    """A deep copy of ``data`` with ``{label: (dotted path parts, value)}`` set; ``label`` names the
+    source of a value in errors (the override as typed, or a sweep's parameter)."""
     result: dict[str, Any] = copy.deepcopy(dict(data))
-    for item in overrides:
-        path, value = parse_override(item)
+    for label, (path, value) in values.items():
         node: dict[str, Any] = result
         for i, part in enumerate(path[:-1]):
             child = node.get(part)
@@ -77,7 +82,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
                 child = node[part] = {}
             if not isinstance(child, dict):
                 where = ".".join(path[: i + 1])
-                raise ConfigError(f"override {item!r}: {where} is a value, not a section")
+                raise ConfigError(f"override {label!r}: {where} is a value, not a section")
             node = child
         node[path[-1]] = value
     return result

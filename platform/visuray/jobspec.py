@@ -25,12 +25,18 @@ class JobKind:
     runner: str  # "module:function" taking the validated config, returning a summary dict
     script: str  # entry script, relative to the repository root
     summary: str
+    # "module:function" taking the validated config and returning the names of the metrics the job
+    # reports during training (what a sweep can rank trials by); None for jobs that do not train.
+    metrics: str | None = None
 
     def config_model(self) -> type[BaseModel]:
         return _import(self.config)
 
     def run(self, cfg: BaseModel) -> dict[str, Any]:
         return _import(self.runner)(cfg)
+
+    def reported_metrics(self, cfg: BaseModel) -> set[str]:
+        return set(_import(self.metrics)(cfg)) if self.metrics else set()
 
 
 def _import(target: str) -> Any:
@@ -54,6 +60,7 @@ JOBS: dict[str, JobKind] = {
             "visuray.train.finetune:run_finetune",
             "jobs/finetune.py",
             "train an embedding model with a metric loss on Ray Train",
+            metrics="visuray.train.finetune:reported_metrics",
         ),
         JobKind(
             "pretrain",
@@ -61,6 +68,7 @@ JOBS: dict[str, JobKind] = {
             "visuray.train.pretrain:run_pretrain",
             "jobs/pretrain.py",
             "self-supervised DINO pretraining on Ray Train with DeepSpeed ZeRO",
+            metrics="visuray.train.pretrain:reported_metrics",
         ),
         JobKind(
             "build_index",
@@ -75,6 +83,7 @@ JOBS: dict[str, JobKind] = {
             "visuray.attributes.train:run_train_attributes",
             "jobs/train_attributes.py",
             "train a multi-label attribute model (heads at chosen depths of one backbone) on Ray Train",
+            metrics="visuray.attributes.train:reported_metrics",
         ),
         JobKind(
             "train_fusion",
@@ -82,6 +91,14 @@ JOBS: dict[str, JobKind] = {
             "visuray.fusion.train:run_train_fusion",
             "jobs/train_fusion.py",
             "composed retrieval (image + modifying text) with MAAF / residual attention fusion on Ray Train",
+            metrics="visuray.fusion.train:reported_metrics",
+        ),
+        JobKind(
+            "sweep",
+            "visuray.sweep.config:SweepConfig",
+            "visuray.sweep.run:run_sweep",
+            "jobs/sweep.py",
+            "tune a training job's hyperparameters with Ray Tune (ASHA early stopping)",
         ),
     ]
 }

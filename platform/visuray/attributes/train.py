@@ -42,7 +42,7 @@ from visuray.attributes.labels import (
 from visuray.attributes.model import AttributeArchitecture, AttributeModelConfig, GroupHead
 from visuray.config import StrictModel
 from visuray.storage import StorageOptions
-from visuray.train.finetune import ScalingSection
+from visuray.train import common
 
 if TYPE_CHECKING:
     from torch import nn
@@ -83,10 +83,10 @@ class SplitSection(StrictModel):
         return self
 
 
-class AttributeTrainSection(StrictModel):
+class AttributeTrainSection(common.TrainLoopSection):
     """Optimisation and bookkeeping of the loop."""
 
-    steps: int = Field(2000, ge=1, description="optimizer steps in total (a resumed run continues to this)")
+    steps: int = common.total_steps_field(2000)
     batch_size: int = Field(64, ge=1, description="per worker; 64 at 64 px is a fraction of a second on CPU")
     lr: float = Field(
         1e-3, gt=0, description="peak AdamW rate; 1e-3 suits a small ViT from scratch at batch 64"
@@ -95,18 +95,19 @@ class AttributeTrainSection(StrictModel):
     weight_decay: float = Field(0.05, ge=0, description="AdamW decay on matrices only, as for ViTs")
     warmup_steps: int = Field(50, ge=0, description="linear warm-up; ViTs diverge at full rate from step one")
     clip_grad_norm: float | None = Field(3.0, gt=0, description="gradient-norm clip against early spikes")
-    checkpoint_every: int = Field(
-        200, ge=1, description="steps between checkpoints (the last is always saved)"
+    checkpoint_every: int = common.checkpoint_every_field()
+    keep_checkpoints: int = common.keep_checkpoints_field()
+    log_every: int = common.log_every_field()
+    validate_every: int = Field(
+        100,
+        ge=1,
+        description="steps between val/macro_auc, val/micro_auc and val/map reports on the validation products "
+        "(also at the last step; none when split.val_fraction is 0): what a sweep ranks trials by",
     )
-    keep_checkpoints: int = Field(2, ge=1, description="the latest N are kept; 2 survives a torn write")
-    log_every: int = Field(10, ge=1, description="steps between a log line and a ray.train.report")
     seed: int = Field(0, description="initialisation, batch order and augmentation")
 
-    @model_validator(mode="after")
-    def _warmup_ends_before_training(self) -> AttributeTrainSection:
-        if self.warmup_steps >= self.steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
-        return self
+
+VALIDATION_METRICS = ("val/macro_auc", "val/micro_auc", "val/map")
 
 
 class EvalSection(StrictModel):
@@ -131,15 +132,11 @@ class AttributeTrainConfig(StrictModel):
     """The ``train_attributes`` job: catalog in, attribute model artifact out."""
 
     job: Literal["train_attributes"] = "train_attributes"
-    name: str = Field(
-        "train-attributes", min_length=1, description="Ray Train run name; same name + run_dir resumes"
-    )
+    name: str = common.run_name_field("train-attributes")
     storage: StorageOptions = Field(default_factory=StorageOptions)
     catalog: str = Field(..., description="URI of a published catalog whose rows carry the attributes")
     output: str = Field(..., description="URI of the attribute model artifact to publish into")
-    run_dir: str = Field(
-        "./runs/train", description="Ray Train storage for checkpoints; s3:// on multi-node clusters"
-    )
+    run_dir: str = common.run_dir_field()
     init_from: str | None = Field(
         None, description="model artifact (embedding or SSL) whose backbone initialises this one"
     )
@@ -149,7 +146,7 @@ class AttributeTrainConfig(StrictModel):
     loss: LossSection = Field(default_factory=LossSection)
     train: AttributeTrainSection = Field(default_factory=AttributeTrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
-    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    scaling: common.ScalingSection = Field(default_factory=common.ScalingSection)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -234,10 +231,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from visuray.attributes.data import augment, batch_indices, decode_to_uint8, normalise
-    from visuray.attributes.fit import build_loss, training_step
+    from visuray.attributes.fit import build_loss, predict_probabilities, training_step
+    from visuray.attributes.metrics import multilabel_report
     from visuray.attributes.model import build_attribute_model
     from visuray.checkpoint import load_backbone_weights
-    from visuray.train.finetune import (
+    from visuray.train.common import (
         TrainState,
         load_train_checkpoint,
         lr_schedule,
@@ -267,6 +265,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     images = decode_to_uint8([data.rows.image_bytes(i) for i in mine], model_cfg.backbone.img_size)
     targets = torch.from_numpy(data.targets[mine])
     known = torch.from_numpy(data.known[mine])
+    val = data.splits["val"]
+    val_images = None  # rank 0 scores the validation products (a few hundred images: cheap)
+    if rank == 0 and len(val):
+        val_images = decode_to_uint8([data.rows.image_bytes(i) for i in val], model_cfg.backbone.img_size)
 
     # ---------------- model, optimizer, restore ----------------
     model = build_attribute_model(model_cfg)
@@ -318,7 +320,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         loss_count += 1
 
         save = step % tc.checkpoint_every == 0 or step == tc.steps
-        if not (save or step % tc.log_every == 0):
+        validate = len(val) > 0 and (step % tc.validate_every == 0 or step == tc.steps)
+        if not (save or validate or step % tc.log_every == 0):
             continue
         last_loss = mean_across_ranks(loss_sum / loss_count)  # every rank gets here at the same steps
         elapsed = time.monotonic() - started
@@ -329,9 +332,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             "train/lr": schedule[step - 1],
             "train/images_per_s": loss_count * tc.batch_size * world_size / max(elapsed, 1e-9),
         }
-        history.append({"step": step, "train/loss": last_loss})
+        if validate and val_images is not None:
+            scores = predict_probabilities(
+                getattr(model, "module", model), val_images, cfg.eval.batch_size, device
+            )
+            model.train()
+            report = multilabel_report(
+                scores, data.targets[val], data.known[val], data.space.names, cfg.eval.min_positives
+            )
+            metrics |= {name: report[name.removeprefix("val/")] for name in VALIDATION_METRICS}
+        history.append(
+            {k: v for k, v in metrics.items() if k in ("step", "train/loss") or k.startswith("val/")}
+        )
         if rank == 0:
-            log.info("step %d/%d loss %.4f%s", step, tc.steps, last_loss, " (checkpoint)" if save else "")
+            val_text = "".join(f" {k} {metrics[k]:.4f}" for k in VALIDATION_METRICS if k in metrics)
+            log.info(
+                "step %d/%d loss %.4f%s%s",
+                step,
+                tc.steps,
+                last_loss,
+                val_text,
+                " (checkpoint)" if save else "",
+            )
         if save and rank == 0:
             with tempfile.TemporaryDirectory() as directory:
                 save_train_checkpoint(directory, model, optimizer, step, last_loss)
@@ -449,7 +471,8 @@ def run_train_attributes(cfg: AttributeTrainConfig) -> dict[str, Any]:
     from visuray.attributes.export import save_attribute_model
     from visuray.attributes.model import build_attribute_model
     from visuray.cluster import ensure_ray
-    from visuray.train.finetune import load_train_checkpoint
+    from visuray.train.common import load_train_checkpoint
+    from visuray.train.ray_job import fit_checkpointed
 
     ensure_ray()
     data = prepare_catalog(cfg.catalog, cfg.storage, cfg.labels.groups, cfg.split, cfg.labels.min_count)
@@ -461,14 +484,9 @@ def run_train_attributes(cfg: AttributeTrainConfig) -> dict[str, Any]:
         [g.name for g in data.space.groups],
         *(len(data.splits[s]) for s in ("train", "val", "test")),
     )
-    result = build_trainer(cfg, model_cfg).fit()
-    if result.checkpoint is None:  # Result keeps only checkpointed reports: the loop checkpoints its end
-        raise RuntimeError(
-            f"train_attributes run {cfg.name!r} finished without a checkpoint at {result.path}"
-        )
+    result, summary = fit_checkpointed(build_trainer(cfg, model_cfg), "train_attributes", cfg.name)
     model = build_attribute_model(model_cfg)
     state = load_train_checkpoint(result.checkpoint, model)
-    summary = dict(result.return_value or {})
 
     with tempfile.TemporaryDirectory() as tmp:
         evaluation = evaluate_prepared(
@@ -519,3 +537,9 @@ def run_train_attributes(cfg: AttributeTrainConfig) -> dict[str, Any]:
         "run_path": result.path,
         "checkpoint": result.checkpoint.path,
     }
+
+
+def reported_metrics(cfg: AttributeTrainConfig) -> set[str]:
+    """What every report of the loop carries (a sweep ranks trials by one of them)."""
+    validation = set(VALIDATION_METRICS) if cfg.split.val_fraction > 0 else set()
+    return {"train/loss", "train/lr", "train/images_per_s"} | validation

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from visuray.config import StrictModel
 from visuray.fusion.datasets import (
@@ -39,7 +39,8 @@ from visuray.fusion.datasets import (
 )
 from visuray.fusion.model import FusionModelConfig
 from visuray.storage import StorageOptions
-from visuray.train.finetune import ScalingSection, lr_schedule
+from visuray.train import common
+from visuray.train.common import lr_schedule
 
 if TYPE_CHECKING:
     import numpy as np
@@ -87,8 +88,8 @@ class DataSection(StrictModel):
     seed: int = Field(0, description="subset, split and template choice")
 
 
-class FusionTrainSection(StrictModel):
-    steps: int = Field(300, ge=1, description="optimizer steps in total (a resumed run continues to this)")
+class FusionTrainSection(common.TrainLoopSection):
+    steps: int = common.total_steps_field(300)
     batch_size: int = Field(
         64, ge=2, description="queries per worker step: the other 63 targets are each query's negatives"
     )
@@ -102,16 +103,10 @@ class FusionTrainSection(StrictModel):
     )
     learnable_temperature: bool = Field(True, description="False keeps the temperature fixed")
     flip: bool = Field(True, description="random horizontal flips: type and colour do not depend on them")
-    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints (the last step is saved)")
-    keep_checkpoints: int = Field(2, ge=1, description="the latest N checkpoints are kept")
-    log_every: int = Field(10, ge=1, description="steps between a log line and a metrics report")
+    checkpoint_every: int = common.checkpoint_every_field(100)
+    keep_checkpoints: int = common.keep_checkpoints_field()
+    log_every: int = common.log_every_field()
     seed: int = Field(0, description="initialisation and batch order")
-
-    @model_validator(mode="after")
-    def _warmup_ends_before_training(self) -> FusionTrainSection:
-        if self.warmup_steps >= self.steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
-        return self
 
 
 class EvalSection(StrictModel):
@@ -129,13 +124,11 @@ class FusionTrainConfig(StrictModel):
     """The ``train_fusion`` job: catalog in, fusion model artifact (weights, tokenizer, report) out."""
 
     job: Literal["train_fusion"] = "train_fusion"
-    name: str = Field(
-        "train-fusion", min_length=1, description="Ray Train run name; same name + run_dir resumes"
-    )
+    name: str = common.run_name_field("train-fusion")
     storage: StorageOptions = Field(default_factory=StorageOptions)
     catalog: str = Field(..., description="URI of a published catalog with type and colour attributes")
     output: str = Field(..., description="URI of the fusion model artifact to publish a new version into")
-    run_dir: str = Field("./runs/train", description="Ray Train storage path (s3:// on multi-node clusters)")
+    run_dir: str = common.run_dir_field()
     image_init_from: str | None = Field(
         None, description="embedding model artifact whose backbone initialises the image encoder"
     )
@@ -147,7 +140,7 @@ class FusionTrainConfig(StrictModel):
     model: FusionModelConfig = Field(default_factory=FusionModelConfig)
     train: FusionTrainSection = Field(default_factory=FusionTrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
-    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    scaling: common.ScalingSection = Field(default_factory=common.ScalingSection)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -330,7 +323,7 @@ def init_pretrained_parts(model: nn.Module, cfg: FusionTrainConfig) -> list[str]
 def optimizer_for(objective: nn.Module, tc: FusionTrainSection) -> Any:
     import torch
 
-    from visuray.train.finetune import optimizer_param_groups
+    from visuray.train.common import optimizer_param_groups
 
     return torch.optim.AdamW(optimizer_param_groups(objective, tc.weight_decay), lr=tc.lr)
 
@@ -543,7 +536,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     from visuray.checkpoint import unwrap_model
     from visuray.fusion.tokenizer import TextTokenizer
-    from visuray.train.finetune import mean_across_ranks
+    from visuray.train.common import mean_across_ranks
 
     cfg = FusionTrainConfig.model_validate(config["cfg"])
     tokenizer = TextTokenizer.from_json(config["tokenizer"], cfg.model.text.max_length)
@@ -683,6 +676,7 @@ def run_train_fusion(cfg: FusionTrainConfig) -> dict[str, Any]:
     from visuray.cluster import ensure_ray
     from visuray.fusion.model import save_fusion_model
     from visuray.fusion.report import render_report
+    from visuray.train.ray_job import fit_checkpointed
 
     # Data and tokenizer problems surface here, in the driver, before any worker starts.
     items, texts = load_items(cfg.catalog, cfg.data, cfg.storage)
@@ -702,12 +696,9 @@ def run_train_fusion(cfg: FusionTrainConfig) -> dict[str, Any]:
         cfg.output,
         TEMPLATED_TEXT_NOTE,
     )
-    result = build_trainer(cfg, tokenizer).fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"train_fusion run {cfg.name!r} finished without a checkpoint at {result.path}")
+    result, summary = fit_checkpointed(build_trainer(cfg, tokenizer), "train_fusion", cfg.name)
     objective = build_objective(cfg)
     state = load_train_checkpoint(result.checkpoint, objective)
-    summary = dict(result.return_value or {})
     metrics = summary.get("metrics", {})
     report_html = render_report(
         title=f"Composed retrieval: {cfg.model.fusion} (depth {cfg.model.fusion_depth})",
@@ -760,3 +751,9 @@ def _example_images(cfg: FusionTrainConfig, examples: Sequence[dict[str, Any]]) 
         return {}
     frame = load_catalog_frame(cfg.catalog, cfg.storage, columns=["item_id", "image"])
     return {i: img for i, img in zip(frame["item_id"], frame["image"], strict=True) if i in wanted}
+
+
+def reported_metrics(cfg: FusionTrainConfig) -> set[str]:
+    """What every report of the loop carries (a sweep ranks trials by one of them)."""
+    del cfg  # the same keys whatever the config
+    return {"train/loss", "train/lr", "train/temperature", "train/queries_per_s"}

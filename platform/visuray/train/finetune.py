@@ -20,20 +20,30 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from visuray.config import StrictModel
 from visuray.models.embedding import EmbeddingModelConfig
 from visuray.storage import StorageOptions
+from visuray.train import common
+from visuray.train.common import (
+    CKPT_STATE,
+    CKPT_WEIGHTS,
+    load_train_checkpoint,
+    lr_schedule,
+    mean_across_ranks,
+)
+from visuray.train.common import (  # re-exported: attributes/fit.py imports it from here
+    optimizer_param_groups as optimizer_param_groups,
+)
 from visuray.train.deepspeed_engine import DeepSpeedSection
+from visuray.train.validation import ValidationSection, validation_metric_names
 
 if TYPE_CHECKING:
     import ray.train
@@ -42,18 +52,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Files of one Ray Train checkpoint (a directory); weights in safetensors, optimizer state loaded back with
-# torch.load(weights_only=True), which refuses anything but tensors and plain containers.
-CKPT_WEIGHTS = "model.safetensors"
-CKPT_OPTIMIZER = "optimizer.pt"
-CKPT_STATE = "train_state.json"
+# Files of one Ray Train checkpoint (a directory): the consolidated weights (CKPT_WEIGHTS) and the state
+# (CKPT_STATE) as in the other jobs' checkpoints (visuray.train.common: load_train_checkpoint reads them), and
 CKPT_ENGINE_DIR = "engine"  # DeepSpeed's files: every rank's shards of module and optimizer state
 
 
-class TrainSection(StrictModel):
+class TrainSection(common.TrainLoopSection):
     """Optimisation, batches and bookkeeping of the loop."""
 
-    steps: int = Field(1000, ge=1, description="optimizer steps in total (a resumed run continues to this)")
+    steps: int = common.total_steps_field(1000)
     p: int = Field(
         8,
         ge=2,
@@ -104,13 +111,9 @@ class TrainSection(StrictModel):
         description="layer-wise learning-rate decay: block i of L gets lr * decay^(L + 1 - i), the head "
         "the full lr. 0.65-0.75 is usual when fine-tuning a pretrained ViT (BEiT, MAE); None = one lr",
     )
-    checkpoint_every: int = Field(
-        200, ge=1, description="steps between Ray Train checkpoints (the last step is always saved)"
-    )
-    keep_checkpoints: int = Field(
-        2, ge=1, description="the latest N checkpoints are kept; 2 survives a torn write"
-    )
-    log_every: int = Field(10, ge=1, description="steps between a log line and a ray.train.report of metrics")
+    checkpoint_every: int = common.checkpoint_every_field()
+    keep_checkpoints: int = common.keep_checkpoints_field()
+    log_every: int = common.log_every_field()
     seed: int = Field(0, description="initialisation and batch order; equal seeds give equal runs")
     data_workers: int = Field(
         2,
@@ -118,13 +121,6 @@ class TrainSection(StrictModel):
         description="DataLoader processes per training worker that decode and augment images; 0 decodes in "
         "the training process (tests, tiny catalogs)",
     )
-
-    @model_validator(mode="after")
-    def _warmup_ends_before_training(self) -> TrainSection:
-        # An error rather than a silent cut: a short run (steps=10) must say how it warms up.
-        if self.warmup_steps >= self.steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
-        return self
 
 
 class LossSection(StrictModel):
@@ -192,36 +188,15 @@ class FinetuneDeepSpeedSection(DeepSpeedSection):
     )
 
 
-class ScalingSection(StrictModel):
-    """How many Ray Train workers, on what."""
-
-    num_workers: int = Field(1, ge=1, description="data-parallel workers; one per GPU on a cluster")
-    use_gpu: bool = Field(False, description="one GPU per worker; False runs everywhere, including CI")
-    cpus_per_worker: float = Field(
-        1, gt=0, description="CPUs reserved per worker; raise it with train.data_workers on real nodes"
-    )
-    max_failures: int = Field(
-        1, ge=-1, description="worker-group restarts from the latest checkpoint before the run fails"
-    )
-
-
 class FinetuneConfig(StrictModel):
     """The ``finetune`` job: catalog in, model artifact out."""
 
     job: Literal["finetune"] = "finetune"
-    name: str = Field(
-        "finetune",
-        min_length=1,
-        description="Ray Train run name; rerunning with the same name and run_dir resumes that run",
-    )
+    name: str = common.run_name_field("finetune")
     storage: StorageOptions = Field(default_factory=StorageOptions)
     catalog: str = Field(..., description="URI of a published catalog with labels (see the ingest job)")
     output: str = Field(..., description="URI of the model artifact to publish a new version into")
-    run_dir: str = Field(
-        "./runs/train",
-        description="Ray Train storage path for checkpoints; local paths are made absolute. Use shared "
-        "storage (s3://) on a multi-node cluster so any node can resume",
-    )
+    run_dir: str = common.run_dir_field()
     init_from: str | None = Field(
         None, description="model artifact whose backbone initialises this one (e.g. an SSL checkpoint)"
     )
@@ -229,25 +204,14 @@ class FinetuneConfig(StrictModel):
     train: TrainSection = Field(default_factory=TrainSection)
     loss: LossSection = Field(default_factory=LossSection)
     weak_labels: WeakLabelSection = Field(default_factory=WeakLabelSection)
+    validation: ValidationSection = Field(default_factory=ValidationSection)
     deepspeed: FinetuneDeepSpeedSection = Field(default_factory=FinetuneDeepSpeedSection)
-    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    scaling: common.ScalingSection = Field(default_factory=common.ScalingSection)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Pieces of the loop
 # ----------------------------------------------------------------------------------------------------
-
-
-def lr_schedule(base_lr: float, min_lr: float, steps: int, warmup_steps: int) -> list[float]:
-    """Learning rate of every step: linear warm-up, then cosine decay to ``min_lr`` (precomputed)."""
-    schedule = []
-    for step in range(steps):
-        if step < warmup_steps:
-            schedule.append(base_lr * (step + 1) / warmup_steps)
-        else:
-            progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-            schedule.append(min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress)))
-    return schedule
 
 
 def train_transform(img_size: int) -> Any:
@@ -266,15 +230,6 @@ def train_transform(img_size: int) -> Any:
             v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
-
-
-def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices and kernels only: decaying biases, norms and tokens hurts ViTs."""
-    decay, no_decay = [], []
-    for _, param in model.named_parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_loss(cfg: LossSection, semantic_distances: Any = None) -> nn.Module:
@@ -416,57 +371,6 @@ def set_learning_rates(
         group["lr"] = 0.0 if (backbone_frozen and meta.backbone) else lr * meta.lr_scale
 
 
-def mean_across_ranks(value: torch.Tensor) -> float:
-    """The mean of a scalar over all ranks (guarded: a single process needs no process group)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        value = value.detach().clone()
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return float(value.item())
-
-
-@dataclass
-class TrainState:
-    """What a Ray Train checkpoint restores besides the weights."""
-
-    step: int = 0
-    loss: float | None = None
-    optimizer: dict[str, Any] | None = field(default=None, repr=False)
-
-
-def save_train_checkpoint(directory: str, model: nn.Module, optimizer: Any, step: int, loss: float) -> None:
-    """A plain (non-DeepSpeed) checkpoint: weights, optimizer state and step (used by other jobs' loops)."""
-    import torch
-
-    from visuray.checkpoint import state_dict_bytes
-
-    Path(directory, CKPT_WEIGHTS).write_bytes(state_dict_bytes(model))
-    torch.save(optimizer.state_dict(), os.path.join(directory, CKPT_OPTIMIZER))
-    Path(directory, CKPT_STATE).write_text(json.dumps({"step": step, "loss": loss}))
-
-
-def load_train_checkpoint(checkpoint: ray.train.Checkpoint, model: nn.Module) -> TrainState:
-    """Load the weights into ``model`` (strictly) and return the step, last loss and optimizer state
-    (None when the checkpoint holds none, as the DeepSpeed checkpoints of this job do)."""
-    import torch
-
-    from visuray.checkpoint import load_state_dict_strict, tensors_from_bytes
-
-    with checkpoint.as_directory() as directory:
-        tensors = tensors_from_bytes(Path(directory, CKPT_WEIGHTS).read_bytes())
-        load_state_dict_strict(model, tensors, f"Ray Train checkpoint {checkpoint.path}")
-        optimizer_path = Path(directory, CKPT_OPTIMIZER)
-        optimizer = (
-            torch.load(optimizer_path, map_location="cpu", weights_only=True)
-            if optimizer_path.exists()
-            else None
-        )
-        state = json.loads(Path(directory, CKPT_STATE).read_text())
-    return TrainState(step=int(state["step"]), loss=state.get("loss"), optimizer=optimizer)
-
-
 def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor]:
     """The module's complete fp32 state dict at any ZeRO stage and precision (a collective: every rank
     calls it). Frozen parameters under ZeRO-3 have no master copy and keep their module value."""
@@ -547,6 +451,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from visuray.train.deepspeed_engine import (
         optimizer_param_groups as engine_param_groups,
     )
+    from visuray.train.validation import ValidationSet
 
     cfg = FinetuneConfig.model_validate(config["job"])
     tc = cfg.train
@@ -584,6 +489,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         state = restore_finetune_checkpoint(checkpoint, engine, world_size, cfg.deepspeed.zero_stage)
     loss_fn = build_loss(cfg.loss, labels.semantic_distances).to(device)
     schedule = lr_schedule(tc.lr, tc.min_lr, tc.steps, tc.warmup_steps)
+    validation = None
+    if cfg.validation.catalog is not None:
+        validation = ValidationSet.load(cfg.validation, cfg.storage, cfg.model.backbone.img_size)
     if rank == 0:
         origin = f"resuming at step {state['step']}" if checkpoint else "starting at step 0"
         log.info(
@@ -620,7 +528,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         loss_count += 1
 
         save = step % tc.checkpoint_every == 0 or step == tc.steps
-        if not (save or step % tc.log_every == 0):
+        validate = validation is not None and (step % cfg.validation.every == 0 or step == tc.steps)
+        if not (save or validate or step % tc.log_every == 0):
             continue
         # Every rank reaches this point at the same steps: report() (and saving) are collective.
         last_loss = mean_across_ranks(loss_sum / loss_count)
@@ -633,15 +542,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             "train/tuples": loss_fn.last_num_tuples,
             "train/images_per_s": loss_count * sampler.batch_size * world_size / max(elapsed, 1e-9),
         }
-        history.append({"step": step, "train/loss": last_loss})
+        if validate:
+            assert validation is not None
+            engine.eval()
+            val = validation.evaluate(
+                lambda batch: engine(batch.to(device, dtype=input_dtype)), rank, world_size
+            )
+            engine.train()
+            metrics |= val or {}
+        history.append(
+            {k: v for k, v in metrics.items() if k in ("step", "train/loss") or k.startswith("val/")}
+        )
         if rank == 0:
+            val_text = "".join(f" {k} {v:.4f}" for k, v in metrics.items() if k.startswith("val/"))
             log.info(
-                "step %d/%d loss %.4f lr %.2e %.1f img/s%s",
+                "step %d/%d loss %.4f lr %.2e %.1f img/s%s%s",
                 step,
                 tc.steps,
                 last_loss,
                 lr,
                 metrics["train/images_per_s"],
+                val_text,
                 " (checkpoint)" if save else "",
             )
         if save:
@@ -681,19 +602,14 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from visuray.checkpoint import save_model
     from visuray.cluster import ensure_ray
     from visuray.models.embedding import build_embedding_model
+    from visuray.train.ray_job import fit_checkpointed
 
     ensure_ray()
     log.info("finetune %r: %d steps on %s -> %s", cfg.name, cfg.train.steps, cfg.catalog, cfg.output)
-    result = build_trainer(cfg).fit()  # raises TrainingFailedError when the run fails
-
-    # Result.metrics and Result.checkpoint describe the latest *checkpointed* report only (metrics reported
-    # without a checkpoint are not kept), so the loop always checkpoints its last step, and the summary
-    # comes from rank 0's return value, with the checkpoint's own state as the fallback.
-    if result.checkpoint is None:
-        raise RuntimeError(f"finetune run {cfg.name!r} finished without a checkpoint at {result.path}")
+    result, summary = fit_checkpointed(build_trainer(cfg), "finetune", cfg.name)
+    # The summary comes from rank 0's return value, with the checkpoint's own state as the fallback.
     model = build_embedding_model(cfg.model)
     state = load_train_checkpoint(result.checkpoint, model)
-    summary = dict(result.return_value or {})
     final_loss = summary.get("final_loss", state.loss)
     artifact = save_model(
         cfg.output,
@@ -723,3 +639,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         "run_path": result.path,
         "checkpoint": result.checkpoint.path,
     }
+
+
+def reported_metrics(cfg: FinetuneConfig) -> set[str]:
+    """What the loop reports (a sweep ranks trials by one of them): the training metrics at every report,
+    and ``val/*`` every ``validation.every`` steps when a validation catalog is set."""
+    return {"train/loss", "train/lr", "train/tuples", "train/images_per_s"} | validation_metric_names(
+        cfg.validation
+    )

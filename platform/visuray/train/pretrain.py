@@ -33,7 +33,9 @@ from pydantic import Field, model_validator
 from visuray.config import StrictModel
 from visuray.models.backbone import BackboneConfig
 from visuray.storage import StorageOptions, absolute_uri, is_remote
+from visuray.train import common
 from visuray.train.deepspeed_engine import DeepSpeedSection
+from visuray.train.validation import ValidationSection, validation_metric_names
 
 if TYPE_CHECKING:
     import ray.train
@@ -96,10 +98,10 @@ class CropsSection(StrictModel):
     )
 
 
-class PretrainTrainSection(StrictModel):
+class PretrainTrainSection(common.TrainLoopSection):
     """Optimisation, DINO hyperparameters and bookkeeping; DINO's defaults unless said otherwise."""
 
-    steps: int = Field(1000, ge=1, description="optimizer steps in total (a resumed run continues to this)")
+    steps: int = common.total_steps_field(1000)
     batch_size_per_worker: int = Field(
         64, ge=2, description="images per worker per step (DINO: 64 per GPU); each gives 2 + num_local crops"
     )
@@ -152,13 +154,9 @@ class PretrainTrainSection(StrictModel):
         description="steps (not epochs: a stream has none) during which the head's last layer keeps its "
         "initial weights; DINO freezes it for the first epoch because it destabilises early training",
     )
-    checkpoint_every: int = Field(
-        200, ge=1, description="steps between Ray Train checkpoints (the last step is always saved)"
-    )
-    keep_checkpoints: int = Field(
-        2, ge=1, description="the latest N checkpoints are kept; 2 survives a torn write"
-    )
-    log_every: int = Field(10, ge=1, description="steps between a log line and a ray.train.report of metrics")
+    checkpoint_every: int = common.checkpoint_every_field()
+    keep_checkpoints: int = common.keep_checkpoints_field()
+    log_every: int = common.log_every_field()
     shuffle_buffer: int = Field(
         256, ge=0, description="rows in each worker's local shuffle buffer; 0 streams in catalog order"
     )
@@ -174,18 +172,10 @@ class PretrainTrainSection(StrictModel):
         "for watching a run from outside (and the failure-injection tests); None writes nothing",
     )
 
-    @model_validator(mode="after")
-    def _schedules_fit(self) -> PretrainTrainSection:
-        if self.warmup_steps >= self.steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
-        return self
 
-
-class PretrainScalingSection(StrictModel):
+class PretrainScalingSection(common.ScalingSection):
     """How many Ray Train workers, on what."""
 
-    num_workers: int = Field(1, ge=1, description="data-parallel workers; one per GPU on a cluster")
-    use_gpu: bool = Field(False, description="one GPU per worker; False runs everywhere, including CI")
     cpus_per_worker: float = Field(
         1, gt=0, description="CPUs per worker; each decodes and crops its own images, so give it several"
     )
@@ -194,29 +184,24 @@ class PretrainScalingSection(StrictModel):
         description="extra custom resources per worker (e.g. {train_slot: 1} with one slot per node to "
         "place one worker per node)",
     )
-    max_failures: int = Field(
-        1, ge=-1, description="worker-group restarts from the latest checkpoint before the run fails"
-    )
 
 
 class PretrainConfig(StrictModel):
     """The ``pretrain`` job: catalog (labels unused) in, model artifact (teacher backbone) out."""
 
     job: Literal["pretrain"] = "pretrain"
-    name: str = Field(
-        "pretrain", min_length=1, description="Ray Train run name; the same name and run_dir resume the run"
-    )
+    name: str = common.run_name_field("pretrain")
     storage: StorageOptions = Field(default_factory=StorageOptions)
     catalog: str = Field(..., description="URI of a published catalog (only its images are read)")
     output: str = Field(..., description="URI of the model artifact to publish a new version into")
-    run_dir: str = Field(
-        "./runs/pretrain",
-        description="Ray Train storage path for checkpoints; local paths are made absolute. Use shared "
-        "storage (s3://) on a multi-node cluster so any node can resume",
-    )
+    run_dir: str = common.run_dir_field("./runs/pretrain")
     model: SSLModelSection = Field(default_factory=SSLModelSection)
     crops: CropsSection = Field(default_factory=CropsSection)
     train: PretrainTrainSection = Field(default_factory=PretrainTrainSection)
+    validation: ValidationSection = Field(
+        default_factory=ValidationSection,
+        description="retrieval with the teacher's pooled features on a labelled catalog during training",
+    )
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     scaling: PretrainScalingSection = Field(default_factory=PretrainScalingSection)
 
@@ -427,6 +412,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from visuray.ssl.dino import DINOLoss, update_teacher
     from visuray.ssl.multicrop import MultiCropAugmentation
     from visuray.ssl.schedules import cosine_schedule, teacher_temperature_schedule
+    from visuray.train.common import mean_across_ranks
     from visuray.train.deepspeed_engine import (
         build_engine,
         engine_dtype,
@@ -435,7 +421,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         resolve_deepspeed_config,
         wants_bf16,
     )
-    from visuray.train.finetune import mean_across_ranks
+    from visuray.train.validation import ValidationSet
 
     cfg = PretrainConfig.model_validate(config["job"])
     tc, mc = cfg.train, cfg.model
@@ -471,6 +457,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     temp_schedule = teacher_temperature_schedule(
         tc.warmup_teacher_temp, tc.teacher_temp, tc.warmup_teacher_temp_steps, tc.steps
     )
+
+    validation = None
+    if cfg.validation.catalog is not None:
+        validation = ValidationSet.load(cfg.validation, cfg.storage, mc.backbone.img_size)
+
+    def teacher_features(batch: torch.Tensor) -> torch.Tensor:
+        # What the published model embeds: the teacher backbone's pooled features, unit length.
+        return torch.nn.functional.normalize(
+            teacher.backbone(batch.to(device, dtype=input_dtype)).float(), dim=-1
+        )
 
     # ---------------- data ----------------
     augment = MultiCropAugmentation(
@@ -546,7 +542,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             )
 
         save = step % tc.checkpoint_every == 0 or step == tc.steps
-        if not (save or step % tc.log_every == 0):
+        validate = validation is not None and (step % cfg.validation.every == 0 or step == tc.steps)
+        if not (save or validate or step % tc.log_every == 0):
             continue
         # Every rank reaches this point at the same steps: report() (and saving) are collective.
         last_loss = mean_across_ranks(loss_sum / loss_count)
@@ -562,7 +559,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             "train/center_norm": float(loss_fn.center.norm()),
             "train/images_per_s": loss_count * global_batch / max(elapsed, 1e-9),
         }
-        history.append({"step": step, "train/loss": last_loss})
+        if validate:
+            assert validation is not None
+            was_training = teacher.training
+            teacher.eval()  # BatchNorm backbones: use, never update, the running statistics
+            metrics |= validation.evaluate(teacher_features, rank, world_size) or {}
+            teacher.train(was_training)
+        history.append(
+            {k: v for k, v in metrics.items() if k in ("step", "train/loss") or k.startswith("val/")}
+        )
         scalars.scalars(metrics, step)
         if rank == 0:
             print(
@@ -654,18 +659,14 @@ def export_teacher_backbone(
 def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Pretrain on Ray Train, publish the teacher's backbone as a model artifact, return the summary."""
     from visuray.cluster import ensure_ray
+    from visuray.train.ray_job import fit_checkpointed
 
     ensure_ray()
     log.info("pretrain %r: %d steps on %s -> %s", cfg.name, cfg.train.steps, cfg.catalog, cfg.output)
-    result = build_trainer(cfg).fit()  # raises TrainingFailedError when the run fails
-
-    # Result.checkpoint is the latest checkpointed report; the loop always checkpoints its last step.
-    if result.checkpoint is None:
-        raise RuntimeError(f"pretrain run {cfg.name!r} finished without a checkpoint at {result.path}")
+    result, summary = fit_checkpointed(build_trainer(cfg), "pretrain", cfg.name)
     with result.checkpoint.as_directory() as directory:
         state = read_checkpoint_state(directory)
         teacher = load_teacher_tensors(directory)
-    summary = dict(result.return_value or {})
     artifact = export_teacher_backbone(
         teacher,
         cfg,
@@ -690,3 +691,16 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         "checkpoint": result.checkpoint.path,
         "tensorboard_dir": tensorboard_dir(cfg),
     }
+
+
+def reported_metrics(cfg: PretrainConfig) -> set[str]:
+    """What every report of the loop carries (a sweep ranks trials by one of them)."""
+    return {
+        "train/loss",
+        "train/lr",
+        "train/weight_decay",
+        "train/teacher_momentum",
+        "train/teacher_temp",
+        "train/center_norm",
+        "train/images_per_s",
+    } | validation_metric_names(cfg.validation)

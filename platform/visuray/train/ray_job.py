@@ -2,8 +2,9 @@
 
 Each job (pretrain, finetune, train_fusion, train_attributes) has a ``name``, a ``run_dir``, a
 ``storage`` section, a ``scaling`` section (workers, GPU, CPUs per worker, max failures) and
-``train.keep_checkpoints``; :func:`build_torch_trainer` turns those into one ``TorchTrainer`` so that
-checkpointing and fault tolerance behave the same in every job.
+``train.keep_checkpoints`` (fields and sections in :mod:`visuray.train.common`); :func:`build_torch_trainer`
+turns those into one ``TorchTrainer`` so that checkpointing and fault tolerance behave the same in every job,
+and :func:`fit_checkpointed` runs it and checks its result the same way.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def build_torch_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from visuray.sweep.report import trial_callbacks
+
     storage_path, storage_filesystem = ray_storage(cfg.run_dir, cfg.storage)
     return TorchTrainer(
         loop,
@@ -55,6 +58,21 @@ def build_torch_trainer(
             storage_filesystem=storage_filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            callbacks=trial_callbacks(),  # inside a sweep trial: forward the metric reports to Ray Tune
         ),
         datasets=datasets,
     )
+
+
+def fit_checkpointed(trainer: Any, job: str, name: str) -> tuple[Any, dict[str, Any]]:
+    """Run ``trainer.fit()`` (it raises TrainingFailedError when the run fails); return the ``Result`` and
+    rank 0's return value (the loop's summary; empty when there is none).
+
+    Result.metrics and Result.checkpoint describe the latest *checkpointed* report only (metrics reported
+    without a checkpoint are not kept), so every job's loop checkpoints its last step: a result without a
+    checkpoint is an error that names the ``job`` kind, the run ``name`` and the run's path.
+    """
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{job} run {name!r} finished without a checkpoint at {result.path}")
+    return result, dict(result.return_value or {})

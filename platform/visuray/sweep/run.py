@@ -1,0 +1,250 @@
+"""The ``sweep`` job: Ray Tune over a training job, one Ray Train run per trial, early stopping with ASHA.
+
+The current Ray pattern for tuning a Ray Train trainer: a ``ray.tune.Tuner`` runs a light driver function
+per trial; the driver validates the trial's job config and calls the job's own runner (the same code as
+``visuray run``), whose ``TorchTrainer`` reports to Tune through :mod:`visuray.sweep.report`. Every trial
+trains in its own run (``<output>/<name>/train/<sweep>-<trial>``) and publishes its model to
+``<output>/<name>/models/<trial>``; Tune's own state sits in ``<output>/<name>/``.
+
+Before any trial starts the sweep is checked as a whole (:func:`prepare_sweep`): the job spec validates,
+the job trains and reports the metric, every search key exists and its range is usable. Rerunning the
+same sweep (same name and output) restores it: finished trials are kept, unfinished ones resume (their
+training runs resume from their latest checkpoints).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from visuray.config import ConfigError, apply_overrides, apply_values, read_yaml, validate_config
+from visuray.errors import VisurayError
+from visuray.jobspec import JOBS, JobKind, job_kind
+from visuray.sweep.config import SweepConfig
+from visuray.sweep.space import check_space
+
+log = logging.getLogger(__name__)
+
+SWEEP_FILE = "sweep.yaml"
+DRIVER_MEMORY_BYTES = 256 * 2**20  # the sweep's config as started, to refuse resuming with a different one
+
+
+class SweepInterrupted(VisurayError, RuntimeError):
+    """The sweep ended (Ctrl-C, a lost driver) before every trial finished; rerunning resumes it."""
+
+
+@dataclass(frozen=True)
+class PreparedSweep:
+    cfg: SweepConfig
+    kind: JobKind
+    job_data: dict[str, Any]  # the spec with the sweep's overrides, before per-trial values
+    job_cfg: Any  # job_data validated
+    max_steps: int | None
+
+
+def prepare_sweep(cfg: SweepConfig) -> PreparedSweep:
+    """Everything that can fail without training fails here, with the key named."""
+    data = read_yaml(cfg.spec)
+    name = data.get("job")
+    if not isinstance(name, str):
+        raise ConfigError(f"invalid config in {cfg.spec}:\n  job: missing; name one of {', '.join(JOBS)}")
+    kind = job_kind(name, cfg.spec)
+    if kind.metrics is None:
+        trainable = ", ".join(k for k, v in JOBS.items() if v.metrics)
+        raise ConfigError(
+            f"sweep: the {name} job does not train and cannot be swept; jobs that can: {trainable}"
+        )
+    job_data = apply_overrides(data, cfg.overrides)
+    job_cfg = validate_config(kind.config_model(), job_data, cfg.spec, cfg.overrides)
+    check_space(kind.config_model(), job_data, cfg.search_space, cfg.spec)
+    reported = kind.reported_metrics(job_cfg)
+    if cfg.metric not in reported:
+        hint = ""
+        if cfg.metric.startswith("val/"):
+            hint = " (val/* metrics are reported only when the job's validation.catalog is set)"
+        raise ConfigError(
+            f"sweep: {name} never reports {cfg.metric!r}{hint}; it reports: {', '.join(sorted(reported))}"
+        )
+    train = getattr(job_cfg, "train", None)
+    max_steps = getattr(train, "steps", None)
+    if cfg.scheduler.name == "asha" and max_steps is not None and cfg.scheduler.grace_period >= max_steps:
+        raise ConfigError(
+            f"sweep: scheduler.grace_period ({cfg.scheduler.grace_period}) must be below the job's "
+            f"train.steps ({max_steps}), or ASHA never stops a trial early"
+        )
+    if not cfg.metric.startswith("val/"):
+        log.warning(
+            "sweep ranks trials by %s, a training metric: it rewards fitting the training set", cfg.metric
+        )
+    return PreparedSweep(cfg, kind, job_data, job_cfg, max_steps)
+
+
+def trial_job_data(
+    prepared: PreparedSweep, params: dict[str, Any], trial_id: str | None, root: str
+) -> dict[str, Any]:
+    """The job spec of one trial (``trial_id``), or of the best config when ``trial_id`` is None: the
+    trial's values applied; a trial also gets its own run name, run directory and model output."""
+    values: dict[str, tuple[list[str], Any]] = {key: (key.split("."), v) for key, v in params.items()}
+    if trial_id is not None:
+        values |= {
+            "name": (["name"], f"{prepared.cfg.name}-{trial_id}"),
+            "run_dir": (["run_dir"], f"{root}/train"),
+            "output": (["output"], f"{root}/models/{trial_id}"),
+            "storage": (["storage"], prepared.cfg.storage.model_dump(mode="json")),
+        }
+    return apply_values(prepared.job_data, values)
+
+
+def _trial(config: dict[str, Any], prepared: PreparedSweep, root: str) -> None:
+    """One trial's driver: validate its job config, then run the job (which reports to Tune)."""
+    from ray import tune
+
+    from visuray.sweep.report import set_trial_metric
+
+    trial_id = tune.get_context().get_trial_id()
+    data = trial_job_data(prepared, config, trial_id, root)
+    job_cfg = validate_config(prepared.kind.config_model(), data, f"sweep trial {trial_id}")
+    set_trial_metric(prepared.cfg.metric)
+    try:
+        prepared.kind.run(job_cfg)
+    finally:
+        set_trial_metric(None)
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"trial-{trial.trial_id}"
+
+
+def trial_resources(job_cfg: Any) -> dict[str, float]:
+    """Logical resources one trial's training run holds."""
+    scaling = job_cfg.scaling
+    out = {"CPU": scaling.num_workers * scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        out["GPU"] = float(scaling.num_workers)
+    return out
+
+
+def concurrent_trials(cfg: SweepConfig, job_cfg: Any, cluster: dict[str, float]) -> int:
+    """How many trials can train at once: the cluster's CPUs (and GPUs) over one trial's needs."""
+    if cfg.max_concurrent_trials is not None:
+        return cfg.max_concurrent_trials
+    fits = [
+        math.floor((cluster.get(name, 0.0) - (cfg.driver_cpus if name == "CPU" else 0.0)) / need)
+        for name, need in trial_resources(job_cfg).items()
+        if need > 0
+    ]
+    return max(1, min(fits or [1]))
+
+
+def driver_resources(cpus: float) -> dict[str, float]:
+    """What one trial's driver reserves. Tune refuses an empty reservation, so a driver without CPUs
+    reserves a little of Ray's ``memory`` resource instead (it holds a few hundred MB in fact)."""
+    return {"CPU": cpus} if cpus > 0 else {"CPU": 0, "memory": DRIVER_MEMORY_BYTES}
+
+
+def _stored_sweep(root: str, options: Any) -> dict[str, Any] | None:
+    from visuray.storage import exists, join, read_text
+
+    file = join(root, SWEEP_FILE)
+    return yaml.safe_load(read_text(file, options)) if exists(file, options) else None
+
+
+def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
+    """Run (or resume) the sweep; write the results table, the best spec and the plots; return a summary."""
+    import posixpath
+
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from visuray.cluster import ensure_ray
+    from visuray.storage import absolute_uri, join, write_text
+    from visuray.sweep.outputs import write_outputs
+    from visuray.train.ray_job import ray_storage
+
+    prepared = prepare_sweep(cfg)
+    ensure_ray()
+    import ray
+
+    root = join(absolute_uri(cfg.output), cfg.name)  # a URI: what trials and outputs write to
+    storage_path, storage_fs = ray_storage(cfg.output, cfg.storage)
+    tune_path = posixpath.join(storage_path, cfg.name)  # the same place, as Tune addresses it
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, prepared=prepared, root=root), driver_resources(cfg.driver_cpus)
+    )
+    wanted = cfg.model_dump(mode="json")
+    stored = _stored_sweep(root, cfg.storage)
+    started = time.monotonic()
+    if stored is not None and tune.Tuner.can_restore(tune_path, storage_filesystem=storage_fs):
+        if stored != wanted:
+            raise ConfigError(
+                f"sweep {cfg.name!r} at {root} was started with a different config; rerun it unchanged to "
+                "resume, or give the new sweep another name"
+            )
+        log.info("resuming sweep %s: finished trials are kept, unfinished ones continue", root)
+        tuner = tune.Tuner.restore(
+            tune_path,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=storage_fs,
+        )
+    else:
+        concurrency = concurrent_trials(cfg, prepared.job_cfg, ray.cluster_resources())
+        if cfg.scheduler.name == "asha":
+            scheduler: Any = ASHAScheduler(
+                time_attr="step",
+                max_t=prepared.max_steps or 10**9,
+                grace_period=cfg.scheduler.grace_period,
+                reduction_factor=cfg.scheduler.reduction_factor,
+                # A trial at its last step must end by itself: stopping it there would kill the driver
+                # before the job publishes the trained model.
+                stop_last_trials=False,
+            )
+        else:
+            scheduler = FIFOScheduler()
+        log.info(
+            "sweep %s: %d trial(s) of %s, %d at a time, ranked by %s (%s), scheduler %s",
+            cfg.name,
+            cfg.num_samples,
+            prepared.kind.name,
+            concurrency,
+            cfg.metric,
+            cfg.mode,
+            cfg.scheduler.name,
+        )
+        write_text(join(root, SWEEP_FILE), yaml.safe_dump(wanted, sort_keys=False), cfg.storage)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={key: spec.to_tune() for key, spec in cfg.search_space.items()},
+            tune_config=tune.TuneConfig(
+                metric=cfg.metric,
+                mode=cfg.mode,
+                scheduler=scheduler,
+                # The generator itself caps concurrency (Tune ignores max_concurrent_trials beside it).
+                search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrency),
+                num_samples=cfg.num_samples,
+                trial_dirname_creator=_trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=cfg.name,
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
+                failure_config=tune.FailureConfig(max_failures=0),
+                verbose=1,
+            ),
+        )
+    grid = tuner.fit()
+    summary = write_outputs(grid, prepared, root)
+    summary["wall_s"] = round(time.monotonic() - started, 1)
+    if summary["unfinished"]:
+        raise SweepInterrupted(
+            f"sweep {cfg.name!r} stopped with {summary['unfinished']} of {summary['trials']} trial(s) unfinished "
+            f"(results so far in {summary['results']}); rerun the same command to resume it"
+        )
+    return summary

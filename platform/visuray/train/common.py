@@ -1,0 +1,184 @@
+"""What the training jobs (pretrain, finetune, train_fusion, train_attributes) share besides the Ray Train
+wiring of :mod:`visuray.train.ray_job`: the config fields every job has (``name``, ``run_dir``, the
+``scaling`` section, the bookkeeping fields of the ``train`` section), the learning-rate schedule, AdamW
+groups, a mean across ranks, and the plain (non-DeepSpeed) Ray Train checkpoint format.
+
+The field helpers return a pydantic ``Field`` for a job's own config model, so every job keeps its field
+order (and its defaults) while the constraints and descriptions are written once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+
+from pydantic import Field, model_validator
+
+from visuray.config import StrictModel
+
+if TYPE_CHECKING:
+    import ray.train
+    import torch
+    from torch import nn
+
+# Files of one Ray Train checkpoint (a directory); weights in safetensors, optimizer state loaded back with
+# torch.load(weights_only=True), which refuses anything but tensors and plain containers.
+CKPT_WEIGHTS = "model.safetensors"
+CKPT_OPTIMIZER = "optimizer.pt"
+CKPT_STATE = "train_state.json"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config: fields and sections every job has
+# ----------------------------------------------------------------------------------------------------
+
+
+def run_name_field(default: str) -> Any:
+    """A job's ``name``: its Ray Train run."""
+    return Field(
+        default,
+        min_length=1,
+        description="Ray Train run name; rerunning with the same name and run_dir resumes that run",
+    )
+
+
+def run_dir_field(default: str = "./runs/train") -> Any:
+    """A job's ``run_dir``: where Ray Train keeps its runs (see :func:`visuray.train.ray_job.ray_storage`)."""
+    return Field(
+        default,
+        description="Ray Train storage path for checkpoints; local paths are made absolute. Use shared "
+        "storage (s3://) on a multi-node cluster so any node can resume",
+    )
+
+
+def total_steps_field(default: int) -> Any:
+    """``train.steps``."""
+    return Field(default, ge=1, description="optimizer steps in total (a resumed run continues to this)")
+
+
+def checkpoint_every_field(default: int = 200) -> Any:
+    """``train.checkpoint_every``."""
+    return Field(
+        default, ge=1, description="steps between Ray Train checkpoints (the last step is always saved)"
+    )
+
+
+def keep_checkpoints_field(default: int = 2) -> Any:
+    """``train.keep_checkpoints`` (Ray Train's ``CheckpointConfig.num_to_keep``)."""
+    return Field(default, ge=1, description="the latest N checkpoints are kept; 2 survives a torn write")
+
+
+def log_every_field(default: int = 10) -> Any:
+    """``train.log_every``."""
+    return Field(default, ge=1, description="steps between a log line and a ray.train.report of metrics")
+
+
+class TrainLoopSection(StrictModel):
+    """Base of the jobs' ``train`` sections, which declare ``steps`` and ``warmup_steps``: the warm-up must
+    end before training does."""
+
+    @model_validator(mode="after")
+    def _warmup_ends_before_training(self) -> Self:
+        # An error rather than a silent cut: a short run (steps=10) must say how it warms up.
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        return self
+
+
+class ScalingSection(StrictModel):
+    """How many Ray Train workers, on what."""
+
+    num_workers: int = Field(1, ge=1, description="data-parallel workers; one per GPU on a cluster")
+    use_gpu: bool = Field(False, description="one GPU per worker; False runs everywhere, including CI")
+    cpus_per_worker: float = Field(
+        1, gt=0, description="CPUs reserved per worker; raise it with train.data_workers on real nodes"
+    )
+    max_failures: int = Field(
+        1, ge=-1, description="worker-group restarts from the latest checkpoint before the run fails"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pieces of the loops
+# ----------------------------------------------------------------------------------------------------
+
+
+def lr_schedule(base_lr: float, min_lr: float, steps: int, warmup_steps: int) -> list[float]:
+    """Learning rate of every step: linear warm-up, then cosine decay to ``min_lr`` (precomputed)."""
+    schedule = []
+    for step in range(steps):
+        if step < warmup_steps:
+            schedule.append(base_lr * (step + 1) / warmup_steps)
+        else:
+            progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+            schedule.append(min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress)))
+    return schedule
+
+
+def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices and kernels only: decaying biases, norms and tokens hurts ViTs."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def mean_across_ranks(value: torch.Tensor) -> float:
+    """The mean of a scalar over all ranks (guarded: a single process needs no process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return float(value.item())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Plain checkpoints: weights, optimizer state, step
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """What a Ray Train checkpoint restores besides the weights."""
+
+    step: int = 0
+    loss: float | None = None
+    optimizer: dict[str, Any] | None = field(default=None, repr=False)
+
+
+def save_train_checkpoint(directory: str, model: nn.Module, optimizer: Any, step: int, loss: float) -> None:
+    """A plain (non-DeepSpeed) checkpoint: weights, optimizer state and step (used by other jobs' loops)."""
+    import torch
+
+    from visuray.checkpoint import state_dict_bytes
+
+    Path(directory, CKPT_WEIGHTS).write_bytes(state_dict_bytes(model))
+    torch.save(optimizer.state_dict(), os.path.join(directory, CKPT_OPTIMIZER))
+    Path(directory, CKPT_STATE).write_text(json.dumps({"step": step, "loss": loss}))
+
+
+def load_train_checkpoint(checkpoint: ray.train.Checkpoint, model: nn.Module) -> TrainState:
+    """Load the weights into ``model`` (strictly) and return the step, last loss and optimizer state
+    (None when the checkpoint holds none, as the DeepSpeed checkpoints of the finetune job do)."""
+    import torch
+
+    from visuray.checkpoint import load_state_dict_strict, tensors_from_bytes
+
+    with checkpoint.as_directory() as directory:
+        tensors = tensors_from_bytes(Path(directory, CKPT_WEIGHTS).read_bytes())
+        load_state_dict_strict(model, tensors, f"Ray Train checkpoint {checkpoint.path}")
+        optimizer_path = Path(directory, CKPT_OPTIMIZER)
+        optimizer = (
+            torch.load(optimizer_path, map_location="cpu", weights_only=True)
+            if optimizer_path.exists()
+            else None
+        )
+        state = json.loads(Path(directory, CKPT_STATE).read_text())
+    return TrainState(step=int(state["step"]), loss=state.get("loss"), optimizer=optimizer)

@@ -1,0 +1,283 @@
+"""Hyperparameter sweeps: search-space checks before any trial, then a real Ray Tune sweep of the
+finetune job (one Ray Train run per trial, ASHA), its outputs, and resuming an interrupted sweep."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT
+from tests.test_finetune import write_colour_catalog
+from visuray.config import ConfigError, validate_config
+from visuray.jobspec import load_job_spec
+from visuray.sweep.config import SweepConfig
+from visuray.sweep.run import concurrent_trials, prepare_sweep, trial_job_data
+from visuray.sweep.space import ParamSpec, check_key
+from visuray.train.finetune import FinetuneConfig
+
+TINY_FINETUNE = {
+    "job": "finetune",
+    "name": "tiny",
+    "model": {"backbone": {"img_size": 32}, "embedding_dim": 16},
+    "train": {
+        "steps": 6,
+        "p": 4,
+        "k": 3,
+        "lr": 1e-3,
+        "warmup_steps": 1,
+        "log_every": 1,
+        "checkpoint_every": 3,
+        "data_workers": 0,
+    },
+    "loss": {"name": "triplet", "miner": "batch_all", "margin": 0.2},
+    "validation": {"every": 2, "ks": [1, 3]},
+    "scaling": {"max_failures": 0},
+}
+
+
+def write_spec(tmp_path: Path, with_validation: bool = True, filename: str = "finetune.yaml") -> Path:
+    data = yaml.safe_load(yaml.safe_dump(TINY_FINETUNE))
+    data |= {
+        "catalog": str(tmp_path / "catalog"),
+        "output": str(tmp_path / "model"),
+        "run_dir": str(tmp_path / "runs"),
+    }
+    if with_validation:
+        data["validation"]["catalog"] = str(tmp_path / "val-catalog")
+    else:
+        del data["validation"]
+    spec = tmp_path / filename
+    spec.write_text(yaml.safe_dump(data))
+    return spec
+
+
+def sweep_config(tmp_path: Path, spec: Path, **changes: object) -> SweepConfig:
+    data = {
+        "name": "margins",
+        "spec": str(spec),
+        "output": str(tmp_path / "sweeps"),
+        "metric": "val/map@r",
+        "mode": "max",
+        "num_samples": 4,
+        "search_space": {
+            "loss.margin": {"type": "loguniform", "low": 0.05, "high": 0.5},
+            "loss.miner": {"type": "choice", "values": ["batch_all", "batch_hard"]},
+        },
+        "scheduler": {"name": "asha", "grace_period": 2, "reduction_factor": 2},
+        "max_concurrent_trials": 2,
+    } | changes
+    return validate_config(SweepConfig, data, "test sweep")
+
+
+# ---------------- checks before any trial, without Ray ----------------
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"type": "uniform", "low": 0.5, "high": 0.5}, "empty range"),
+        ({"type": "loguniform", "low": 0.0, "high": 1.0}, "low > 0"),
+        ({"type": "randint", "low": 2, "high": 2.5}, "integer"),
+        ({"type": "choice", "values": []}, "non-empty"),
+        ({"type": "grid"}, "non-empty"),
+        ({"type": "uniform", "low": 0.1}, "needs low and high"),
+        ({"type": "choice", "values": [1], "low": 0}, "takes values"),
+    ],
+)
+def test_unusable_ranges_are_refused(spec: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ParamSpec.model_validate(spec)
+
+
+@pytest.mark.unit
+def test_keys_are_checked_against_the_job_config_model() -> None:
+    check_key(FinetuneConfig, "loss.margin")
+    check_key(FinetuneConfig, "train.p")
+    with pytest.raises(ConfigError, match=r"'loss\.margn'.*did you mean margin"):
+        check_key(FinetuneConfig, "loss.margn")
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        check_key(FinetuneConfig, "train.lr.value")
+    with pytest.raises(ConfigError, match="not a key of the job config"):
+        check_key(FinetuneConfig, "optimizer.lr")
+
+
+@pytest.mark.unit
+def test_bad_sweeps_fail_before_any_trial(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path)
+    output = tmp_path / "sweeps"
+
+    with pytest.raises(ConfigError, match="not a key of the job config"):
+        prepare_sweep(
+            sweep_config(tmp_path, spec, search_space={"loss.marginn": {"type": "choice", "values": [1]}})
+        )
+    # A value the job config itself refuses (P x K needs P >= 2) is caught at the range's end point.
+    with pytest.raises(ConfigError, match=r"rejects train\.p=1"):
+        prepare_sweep(
+            sweep_config(tmp_path, spec, search_space={"train.p": {"type": "randint", "low": 1, "high": 5}})
+        )
+    with pytest.raises(ConfigError, match=r"never reports 'val/accuracy'"):
+        prepare_sweep(sweep_config(tmp_path, spec, metric="val/accuracy"))
+    without_validation = write_spec(tmp_path, with_validation=False, filename="plain.yaml")
+    with pytest.raises(ConfigError, match=r"validation\.catalog"):
+        prepare_sweep(sweep_config(tmp_path, without_validation))
+    with pytest.raises(ConfigError, match="grace_period"):
+        prepare_sweep(sweep_config(tmp_path, spec, scheduler={"name": "asha", "grace_period": 6}))
+    with pytest.raises(ValueError, match="set by the sweep"):
+        sweep_config(tmp_path, spec, search_space={"output": {"type": "choice", "values": ["x"]}})
+    ingest = tmp_path / "ingest.yaml"
+    ingest.write_text(
+        yaml.safe_dump({"job": "ingest", "source": str(tmp_path), "output": str(tmp_path / "c")})
+    )
+    with pytest.raises(ConfigError, match="does not train"):
+        prepare_sweep(sweep_config(tmp_path, ingest))
+    assert not output.exists()  # nothing was started
+
+
+@pytest.mark.unit
+def test_trial_specs_and_concurrency(tmp_path: Path) -> None:
+    prepared = prepare_sweep(sweep_config(tmp_path, write_spec(tmp_path)))
+    data = trial_job_data(
+        prepared, {"loss.margin": 0.3, "loss.miner": "batch_hard"}, "abc", "/sweeps/margins"
+    )
+    cfg = validate_config(FinetuneConfig, data)
+    assert (cfg.loss.margin, cfg.loss.miner) == (0.3, "batch_hard")
+    assert (cfg.name, cfg.run_dir, cfg.output) == (
+        "margins-abc",
+        "/sweeps/margins/train",
+        "/sweeps/margins/models/abc",
+    )
+    best = validate_config(FinetuneConfig, trial_job_data(prepared, {"loss.margin": 0.3}, None, ""))
+    assert (best.name, best.output) == ("tiny", str(tmp_path / "model"))
+
+    derived = sweep_config(tmp_path, write_spec(tmp_path), max_concurrent_trials=None)
+    assert concurrent_trials(derived, cfg, {"CPU": 8.0}) == 8
+    two_workers = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"num_workers": 2})})
+    assert concurrent_trials(derived, two_workers, {"CPU": 5.0}) == 2
+    gpu = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"use_gpu": True})})
+    assert concurrent_trials(derived, gpu, {"CPU": 16.0, "GPU": 2.0}) == 2
+    assert concurrent_trials(derived, cfg, {"CPU": 0.5}) == 1
+
+
+@pytest.mark.unit
+def test_trial_status() -> None:
+    from types import SimpleNamespace as Result
+
+    from visuray.sweep.outputs import trial_status
+
+    assert trial_status(Result(error=None, metrics={"step": 6, "done": True}), True, None, 6) == "completed"
+    assert (
+        trial_status(Result(error=None, metrics={"step": 2, "done": True}), False, None, 6) == "stopped early"
+    )
+    # restored from an earlier run of the sweep, which recorded the scheduler's stop
+    assert trial_status(Result(error=None, metrics={"step": 2}), False, "stopped early", 6) == "stopped early"
+    assert trial_status(Result(error=None, metrics={"step": 2}), False, None, 6) == "unfinished"
+    assert trial_status(Result(error=None, metrics={}), False, None, 6) == "unfinished"
+    assert trial_status(Result(error=RuntimeError("x"), metrics={"step": 6}), True, None, 6) == "error"
+
+
+# ---------------- a real sweep ----------------
+
+
+def read_results(root: Path) -> pd.DataFrame:
+    table = pd.read_parquet(root / "results.parquet")
+    csv = pd.read_csv(root / "results.csv")
+    assert list(csv["trial_id"]) == list(table["trial_id"])
+    return table
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sweep_runs_trials_with_asha_and_writes_results(ray_cluster: object, tmp_path: Path) -> None:
+    from visuray.sweep.run import run_sweep
+
+    write_colour_catalog(str(tmp_path / "catalog"))
+    write_colour_catalog(str(tmp_path / "val-catalog"), per_class=4, seed=1)
+    cfg = sweep_config(tmp_path, write_spec(tmp_path))
+    summary = run_sweep(cfg)
+
+    root = tmp_path / "sweeps" / "margins"
+    table = read_results(root)
+    assert len(table) == summary["trials"] == 4
+    assert set(table["status"]) <= {"completed", "stopped early"} and summary["errors"] == 0
+    finished = table[table["status"] == "completed"]
+    assert len(finished) == summary["completed"] >= 1
+    assert (finished["steps"] == 6).all()
+    assert (table.loc[table["status"] == "stopped early", "steps"] < 6).all()
+    assert summary["steps_trained"] == table["steps"].sum()
+    assert table["loss.margin"].between(0.05, 0.5).all() and set(table["loss.miner"]) <= {
+        "batch_all",
+        "batch_hard",
+    }
+    assert table["last val/map@r"].between(0, 1).all()
+    assert (table["best val/map@r"] >= table["last val/map@r"]).all()
+
+    # The best spec is a job spec `visuray run` takes as it is, with the best trial's values.
+    best = table.loc[finished["last val/map@r"].idxmax()]
+    kind, best_cfg = load_job_spec(root / "best.yaml")
+    assert kind.name == "finetune" and best_cfg.name == "tiny"
+    assert best_cfg.loss.miner == best["loss.miner"]
+    assert best_cfg.loss.margin == pytest.approx(best["loss.margin"])
+    assert summary["best"]["trial_id"] == best["trial_id"]
+    # Each completed trial published its model once.
+    for model in finished["model"]:
+        assert len(os.listdir(Path(model) / "versions")) == 1
+    for key in ("loss.margin", "loss.miner"):
+        assert (root / "plots" / f"val_map_r_vs_{key}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
+    ray_cluster: object, tmp_path: Path
+) -> None:
+    """Ctrl-C a sweep (its own Ray cluster, in a subprocess) while its second trial trains; rerunning the
+    same command finishes that trial, and the first one, finished before, is not trained again."""
+    write_colour_catalog(str(tmp_path / "catalog"))
+    write_colour_catalog(str(tmp_path / "val-catalog"), per_class=4, seed=1)
+    cfg = sweep_config(tmp_path, write_spec(tmp_path), num_samples=2, max_concurrent_trials=1)
+    cfg = cfg.model_copy(update={"scheduler": cfg.scheduler.model_copy(update={"name": "fifo"})})
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "visuray.cli", "run", str(sweep_file)]
+    root = tmp_path / "sweeps" / "margins"
+
+    first = subprocess.Popen(command, cwd=REPO_ROOT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        # One trial at a time: the second trial's training run exists only once Tune has recorded the
+        # first trial as finished.
+        while len(list((root / "train").glob("margins-*"))) < 2:
+            assert first.poll() is None, "the sweep ended before it was interrupted"
+            assert time.monotonic() < deadline, "the first trial did not finish in time"
+            time.sleep(1)
+        os.killpg(first.pid, signal.SIGINT)  # what Ctrl-C sends
+        first.wait(timeout=180)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode != 0  # an interrupted sweep is not a finished one
+    finished_first = sorted(p.name.removeprefix("margins-") for p in (root / "train").glob("margins-*"))[0]
+    assert (root / "models" / finished_first / "LATEST").exists()
+
+    second = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    table = read_results(root)
+    assert len(table) == 2 and (table["status"] == "completed").all()
+    assert len(os.listdir(root / "models" / finished_first / "versions")) == 1  # not trained again
+    for trial in table["trial_id"]:
+        assert (root / "models" / trial / "LATEST").exists()
+
+    changed = cfg.model_copy(update={"num_samples": 5})
+    sweep_file.write_text(yaml.safe_dump(changed.model_dump(mode="json")))
+    third = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert third.returncode != 0 and "started with a different config" in third.stderr
