@@ -61,14 +61,12 @@ def ray_cluster() -> Iterator[object]:
     """
     import ray
 
+    from visuray.cluster import embedded_cluster_options
+
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ctx = ray.init(
-        address="local",  # always a new embedded cluster, even when a `ray start` cluster runs here
-        num_cpus=8,
-        include_dashboard=False,
-        log_to_driver=True,
-        runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}},
-    )
+    # Always a new embedded cluster, even when a `ray start` cluster runs here; with its dashboard, so that
+    # Ray Train frees the resources of runs whose controller died (sweep trials stopped early).
+    ctx = ray.init(**embedded_cluster_options(8, log_to_driver=True))
     yield ctx
     try:
         from ray import serve

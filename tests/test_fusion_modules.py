@@ -198,3 +198,48 @@ def test_contrastive_temperature_is_learned_and_capped() -> None:
     assert capped.temperature == pytest.approx(0.01)  # 1 / max_scale
     fixed = BatchSoftmaxContrastiveLoss(init_temperature=0.07, learnable=False)
     assert not any(p.requires_grad for p in fixed.parameters())
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_fusion_layers_start_as_the_identity(depth: int) -> None:
+    """Zeroed output projections: stacked fresh layers pass the joint tokens through unchanged at first."""
+    torch.manual_seed(0)
+    tokens, mask = torch.randn(2, 7, 32), torch.zeros(2, 7, dtype=torch.bool)
+    mask[1, 5:] = True
+    for module in (
+        MAAF(24, 32, 32, 16, depth=depth, heads=2, dropout=0.0),
+        ResidualAttentionFusion(24, 32, 32, 16, depth=depth, heads=2, dropout=0.0, residual_init_weight=0.1),
+    ):
+        torch.testing.assert_close(module.layers(tokens, src_key_padding_mask=mask), tokens)
+
+
+def test_modality_pool_gives_image_and_text_half_each() -> None:
+    from visuray.fusion.modules import modality_pool
+
+    torch.manual_seed(0)
+    tokens = torch.randn(2, 9, 4)  # 5 image tokens, then 4 text tokens
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[0, 7:] = True  # the first query's text has 2 tokens, then padding
+    pooled = modality_pool(tokens, mask, n_image=5)
+    for b, n_text in ((0, 2), (1, 4)):
+        image_mean = tokens[b, :5].sum(0) / 5
+        text_mean = tokens[b, 5 : 5 + n_text].sum(0) / n_text
+        torch.testing.assert_close(pooled[b], (image_mean + text_mean) / 2)
+
+
+def test_maaf_adds_its_fused_change_to_the_image_embedding() -> None:
+    torch.manual_seed(0)
+    maaf = MAAF(24, 32, 32, 16, depth=1, heads=2, dropout=0.0)
+    image_embedding = torch.randn(3, 16)
+    inputs = (
+        torch.randn(3, 5, 24),
+        image_embedding,
+        torch.randn(3, 4, 32),
+        None,
+        torch.zeros(3, 4, dtype=torch.bool),
+    )
+    change = maaf(*inputs) - image_embedding
+    assert change.abs().sum() > 0
+    torch.nn.init.zeros_(maaf.out.weight)
+    torch.nn.init.zeros_(maaf.out.bias)
+    torch.testing.assert_close(maaf(*inputs), image_embedding)

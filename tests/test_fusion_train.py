@@ -29,7 +29,7 @@ def job_cfg(catalog: str, steps: int) -> FusionTrainConfig:
             "output": "model",
             "run_dir": "runs",
             "tokenizer": {"vocab_size": 120, "min_frequency": 1},
-            "data": {"max_items": None, "test_fraction": 0.5, "seed": 0},
+            "data": {"max_items": None, "test_fraction": 0.5, "val_fraction": 0.34, "seed": 0},
             "model": {
                 "backbone": TINY_BACKBONE,
                 "text": TINY_TEXT,
@@ -45,6 +45,7 @@ def job_cfg(catalog: str, steps: int) -> FusionTrainConfig:
                 "warmup_steps": 1,
                 "checkpoint_every": 2,
                 "log_every": 1,
+                "validate_every": 2,
             },
             "eval": {
                 "ks": [1, 10, 50],
@@ -67,6 +68,10 @@ def test_train_fusion_checkpoints_resumes_and_publishes(
     first = run_train_fusion(job_cfg(catalog, steps=4))
     assert first["steps"] == 4 and first["start_step"] == 0
     assert [h["step"] for h in first["history"]] == [1, 2, 3, 4]
+    # Validation on held-out training product lines (what a sweep ranks trials by), every 2 steps.
+    validated = [h for h in first["history"] if "val/fiq_score" in h]
+    assert [h["step"] for h in validated] == [2, 4]
+    assert all(0 <= h[k] <= 1 for h in validated for k in ("val/recall@1", "val/recall@10", "val/fiq_score"))
     for key in (
         "test/recall@1",
         "test/recall@10",

@@ -108,6 +108,26 @@ def test_keys_are_checked_against_the_job_config_model() -> None:
         check_key(FinetuneConfig, "train.lr.value")
     with pytest.raises(ConfigError, match="not a key of the job config"):
         check_key(FinetuneConfig, "optimizer.lr")
+    with pytest.raises(ConfigError, match="is a section"):
+        check_key(FinetuneConfig, "loss")
+
+
+@pytest.mark.unit
+def test_list_entries_are_named_by_index() -> None:
+    """Attribute head depths sit in a list of label groups: ``labels.groups.<i>.depth``."""
+    from visuray.attributes.train import AttributeTrainConfig
+    from visuray.config import apply_values
+    from visuray.fusion.train import FusionTrainConfig
+
+    check_key(FusionTrainConfig, "model.fusion_depth")
+    check_key(AttributeTrainConfig, "labels.groups.2.depth")
+    with pytest.raises(ConfigError, match="is a list; name an entry by its index"):
+        check_key(AttributeTrainConfig, "labels.groups.depth")
+    spec = REPO_ROOT / "jobs" / "configs" / "train_attributes_vit_tiny.yaml"
+    kind, cfg = load_job_spec(spec, ["labels.groups.2.depth=1"])
+    assert [g.depth for g in cfg.labels.groups][:3] == [None, None, 1]
+    with pytest.raises(ConfigError, match="is a list of 6; '9' is not an index"):
+        apply_values({"labels": {"groups": [{}] * 6}}, {"x": (["labels", "groups", "9", "depth"], 1)})
 
 
 @pytest.mark.unit
@@ -281,3 +301,46 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
     sweep_file.write_text(yaml.safe_dump(changed.model_dump(mode="json")))
     third = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert third.returncode != 0 and "started with a different config" in third.stderr
+
+
+@pytest.mark.ray
+def test_a_killed_trial_driver_frees_its_training_resources(ray_cluster: object, tmp_path: Path) -> None:
+    """ASHA stops a trial by ending the process that runs its ``trainer.fit()``; the run's placement group
+    (the CPUs its workers hold) must be freed then, or a sweep starves itself of resources. Ray Train's
+    cleaner does that through the dashboard's state API, which the embedded cluster must expose."""
+    import ray
+    from ray.util import placement_group_table
+
+    def created() -> set[str]:
+        return {pg_id for pg_id, pg in placement_group_table().items() if pg["state"] == "CREATED"}
+
+    @ray.remote(num_cpus=0)
+    class Driver:
+        def fit(self, storage: str) -> None:
+            from ray.train import RunConfig, ScalingConfig
+            from ray.train.torch import TorchTrainer
+
+            def loop(config: dict) -> None:
+                Path(storage, "started").touch()
+                time.sleep(600)
+
+            TorchTrainer(
+                loop,
+                scaling_config=ScalingConfig(num_workers=1),
+                run_config=RunConfig(storage_path=storage, name="killed-driver"),
+            ).fit()
+
+    before = created()
+    driver = Driver.remote()
+    driver.fit.remote(str(tmp_path))
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "started").exists():  # the run trains (ASHA stops trials once they report)
+        assert time.monotonic() < deadline, "the training run never started"
+        time.sleep(1)
+    group = created() - before
+    assert group
+    ray.kill(driver)
+    deadline = time.monotonic() + 120
+    while group & created():
+        assert time.monotonic() < deadline, "the killed run's placement group was never removed"
+        time.sleep(1)

@@ -36,13 +36,39 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, **kwargs
         ray.init(address=address, **kwargs)
     else:
         log.info("starting an embedded local Ray cluster")
-        ray.init(
-            address="local",  # a new embedded cluster, never one that `ray start` left on this machine
-            num_cpus=num_cpus,
-            include_dashboard=kwargs.pop("include_dashboard", False),
-            runtime_env={"env_vars": env_vars},
-            **kwargs,
-        )
+        ray.init(**embedded_cluster_options(num_cpus, env_vars, **kwargs))
+
+
+def embedded_cluster_options(
+    num_cpus: int | None, env_vars: dict[str, str] | None = None, **kwargs: Any
+) -> dict[str, Any]:
+    """``ray.init`` arguments for a new embedded cluster whose dashboard its own processes can find.
+
+    The dashboard's state API is how Ray Train's placement-group cleaner learns that a run's controller
+    died (a sweep trial stopped early by ASHA, a killed driver); without it the run's placement group,
+    and the CPUs it holds, stay reserved until the whole cluster goes away. The cleaner finds the API
+    through ``RAY_API_SERVER_ADDRESS``: with several Ray instances on one machine (tests, notebooks) the
+    auto-detection it otherwise falls back to can pick another instance's.
+    """
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {
+        "RAY_TRAIN_V2_ENABLED": "1",
+        **(env_vars or {}),
+        "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
+    }
+    return {
+        "address": "local",  # a new embedded cluster, never one that `ray start` left on this machine
+        "num_cpus": num_cpus,
+        "include_dashboard": True,
+        "dashboard_host": "127.0.0.1",
+        "dashboard_port": port,
+        "runtime_env": {"env_vars": env},
+        **kwargs,
+    }
 
 
 def shutdown_ray() -> None:

@@ -75,17 +75,32 @@ def apply_values(data: Mapping[str, Any], values: Mapping[str, tuple[list[str], 
     source of a value in errors (the override as typed, or a sweep's parameter)."""
     result: dict[str, Any] = copy.deepcopy(dict(data))
     for label, (path, value) in values.items():
-        node: dict[str, Any] = result
+        node: dict[str, Any] | list[Any] = result
         for i, part in enumerate(path[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
+            if isinstance(node, list):
+                child = node[_list_index(node, part, label, path[:i])]
+            else:
+                child = node.get(part)
+                if child is None:
+                    child = node[part] = {}
+            if not isinstance(child, dict | list):
                 where = ".".join(path[: i + 1])
                 raise ConfigError(f"override {label!r}: {where} is a value, not a section")
             node = child
-        node[path[-1]] = value
+        if isinstance(node, list):
+            node[_list_index(node, path[-1], label, path[:-1])] = value
+        else:
+            node[path[-1]] = value
     return result
+
+
+def _list_index(items: list[Any], part: str, label: str, where: list[str]) -> int:
+    """``part`` as an index into ``items`` (a list in the config: ``labels.groups.2.depth``)."""
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(
+            f"override {label!r}: {'.'.join(where)} is a list of {len(items)}; {part!r} is not an index into it"
+        )
+    return int(part)
 
 
 def _format_validation_error(exc: ValidationError, source: str, overridden: set[str]) -> str:

@@ -10,10 +10,15 @@ projection of the pooled features), so a query that ignores the text retrieves v
 
 - :class:`MAAF` (Modality-Agnostic Attention Fusion): image and text tokens, projected to one width,
   go through ``depth`` transformer layers together, without modality-specific weights; the output
-  tokens are mean-pooled into the query.
+  tokens are pooled per modality (mean of the image tokens and mean of the text tokens, averaged, as in
+  the MAAF paper, so 17 image tokens (4 x 4 patches and [CLS]) do not drown a 6-token text), and the
+  projected result is added to the image embedding (the paper's residual MAAF): the query starts where
+  plain visual search is and the attention layers only have to learn the change the text asks for.
 - :class:`ResidualAttentionFusion`: the image embedding plus ``weight x`` a residual read from the joint
-  tokens by attention (the image embedding is the attention query); ``weight`` is learnable and starts at
-  a configurable value, so a pretrained image embedding is at first only nudged by the text.
+  tokens by attention (the image embedding is the attention query), read from the image tokens and from
+  the text tokens separately and summed, so the text always gets half of the read; ``weight`` is
+  learnable and starts at a configurable value, so a pretrained image embedding is at first only nudged
+  by the text.
 - Baselines: :class:`ImageOnly`, :class:`TextOnly`, :class:`ConcatMLP`, :class:`GatedResidual` (TIRG).
 """
 
@@ -47,6 +52,32 @@ class JointTokens(nn.Module):
         return tokens, torch.cat([image_mask, text_padding_mask], dim=1)
 
 
+def split_modalities(
+    tokens: torch.Tensor, mask: torch.Tensor, n_image: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Joint tokens back into (image tokens, text tokens, text padding mask); image tokens come first."""
+    return tokens[:, :n_image], tokens[:, n_image:], mask[:, n_image:]
+
+
+def start_as_identity(layers: nn.TransformerEncoder) -> nn.TransformerEncoder:
+    """Zero the output projections of each pre-norm layer's attention and MLP ("skip-init"), so that the
+    stack starts as the identity and each layer grows in from there: stacked random-init layers otherwise
+    scramble the projected tokens, and 2-4 fusion layers trained from scratch for a few hundred steps
+    learned to ignore the text (fusion_quality.py: seed-0 R@10 0.41 / 0.34 at depth 2 / 4 before,
+    0.48 / 0.47 after)."""
+    for layer in layers.layers:
+        for linear in (layer.self_attn.out_proj, layer.linear2):
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+    return layers
+
+
+def modality_pool(tokens: torch.Tensor, mask: torch.Tensor, n_image: int) -> torch.Tensor:
+    """Mean of the image tokens and masked mean of the text tokens, averaged: each modality weighs half."""
+    image, text, text_mask = split_modalities(tokens, mask, n_image)
+    return 0.5 * (image.mean(dim=1) + masked_mean(text, text_mask))
+
+
 class MAAF(nn.Module):
     def __init__(
         self,
@@ -63,14 +94,14 @@ class MAAF(nn.Module):
             raise ValueError("MAAF needs fusion depth >= 1: without layers nothing mixes the modalities")
         self.depth = depth
         self.joint = JointTokens(image_width, text_width, width)
-        self.layers = transformer_layers(width, heads, depth, dropout)
+        self.layers = start_as_identity(transformer_layers(width, heads, depth, dropout))
         self.norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, embed_dim)
 
     def forward(self, image_tokens, image_embedding, text_tokens, text_pooled, text_padding_mask):  # noqa: ANN001, ANN201
         tokens, mask = self.joint(image_tokens, text_tokens, text_padding_mask)
         fused = self.norm(self.layers(tokens, src_key_padding_mask=mask))
-        return self.out(masked_mean(fused, mask))
+        return image_embedding + self.out(modality_pool(fused, mask, image_tokens.shape[1]))
 
 
 class ResidualAttentionFusion(nn.Module):
@@ -91,7 +122,9 @@ class ResidualAttentionFusion(nn.Module):
         self.depth = depth
         self.joint = JointTokens(image_width, text_width, width)
         # depth 0: the attention reads the projected tokens directly (no joint layers before it).
-        self.layers = transformer_layers(width, heads, depth, dropout) if depth > 0 else None
+        self.layers = (
+            start_as_identity(transformer_layers(width, heads, depth, dropout)) if depth > 0 else None
+        )
         self.norm = nn.LayerNorm(width)
         self.query = nn.Linear(embed_dim, width)
         self.attention = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
@@ -104,8 +137,10 @@ class ResidualAttentionFusion(nn.Module):
             tokens = self.layers(tokens, src_key_padding_mask=mask)
         tokens = self.norm(tokens)
         query = self.query(image_embedding).unsqueeze(1)
-        residual, _ = self.attention(query, tokens, tokens, key_padding_mask=mask, need_weights=False)
-        return image_embedding + self.weight * self.out(residual.squeeze(1))
+        image, text, text_mask = split_modalities(tokens, mask, image_tokens.shape[1])
+        from_image, _ = self.attention(query, image, image, need_weights=False)
+        from_text, _ = self.attention(query, text, text, key_padding_mask=text_mask, need_weights=False)
+        return image_embedding + self.weight * self.out((from_image + from_text).squeeze(1))
 
 
 class ImageOnly(nn.Module):

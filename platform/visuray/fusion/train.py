@@ -21,7 +21,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -84,6 +84,13 @@ class DataSection(StrictModel):
     test_fraction: float = Field(
         0.2, gt=0, lt=1, description="product lines held out: their items are test references and gallery"
     )
+    val_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="product lines of the training split held out for validation during training "
+        "(val/recall@k, val/fiq_score: what a sweep ranks trials by); 0 trains on all of them",
+    )
     type_colour_per_item: int = Field(1, ge=1, description="'in <colour>' queries per reference item")
     seed: int = Field(0, description="subset, split and template choice")
 
@@ -106,6 +113,11 @@ class FusionTrainSection(common.TrainLoopSection):
     checkpoint_every: int = common.checkpoint_every_field(100)
     keep_checkpoints: int = common.keep_checkpoints_field()
     log_every: int = common.log_every_field()
+    validate_every: int = Field(
+        50,
+        ge=1,
+        description="steps between val/* reports (also at the last step), when data.val_fraction > 0",
+    )
     seed: int = Field(0, description="initialisation and batch order")
 
 
@@ -154,13 +166,19 @@ class FusionData:
     test_items: list[CatalogItem]
     train_queries: list[ComposedQuery]
     test_queries: list[ComposedQuery]
+    val_items: list[CatalogItem] = field(default_factory=list)  # empty without data.val_fraction
+    val_queries: list[ComposedQuery] = field(default_factory=list)
 
     @property
     def gallery_ids(self) -> list[str]:
         return [item.item_id for item in self.test_items]
 
+    def held_out(self, split: str) -> tuple[list[CatalogItem], list[ComposedQuery]]:
+        """The items (the gallery) and queries of a held-out split: "test" or "val"."""
+        return (self.test_items, self.test_queries) if split == "test" else (self.val_items, self.val_queries)
+
     def all_ids(self) -> list[str]:
-        return [item.item_id for item in self.train_items + self.test_items]
+        return [item.item_id for item in self.train_items + self.val_items + self.test_items]
 
 
 def load_items(
@@ -192,15 +210,34 @@ def build_fusion_data(items: Sequence[CatalogItem], data: DataSection) -> Fusion
     """Subset, split by product line, and the templated queries of each split (deterministic)."""
     subset = subset_items(items, data.max_items, data.seed)
     train_items, test_items = split_held_out(subset, data.test_fraction, data.seed)
+    val_items: list[CatalogItem] = []
+    if data.val_fraction > 0:  # whole product lines again, from the training side only
+        train_items, val_items = split_held_out(train_items, data.val_fraction, data.seed + 1)
 
     def queries(split: Sequence[CatalogItem], offset: int) -> list[ComposedQuery]:
         return fashion_products_queries(split, data.kinds, data.seed + offset, data.type_colour_per_item)
 
-    fusion_data = FusionData(train_items, test_items, queries(train_items, 0), queries(test_items, 1))
-    if not fusion_data.train_queries or not fusion_data.test_queries:
+    fusion_data = FusionData(
+        train_items,
+        test_items,
+        queries(train_items, 0),
+        queries(test_items, 1),
+        val_items,
+        queries(val_items, 2) if val_items else [],
+    )
+    empty = [
+        name
+        for name, wanted, found in (
+            ("training", True, fusion_data.train_queries),
+            ("held-out", True, fusion_data.test_queries),
+            ("validation", data.val_fraction > 0, fusion_data.val_queries),
+        )
+        if wanted and not found
+    ]
+    if empty:
         raise ValueError(
-            f"no queries in the {'training' if not fusion_data.train_queries else 'held-out'} split: "
-            f"{len(train_items)} train / {len(test_items)} test items; raise data.max_items"
+            f"no queries in the {empty[0]} split: {len(train_items)} train / {len(val_items)} validation / "
+            f"{len(test_items)} test items; raise data.max_items"
         )
     return fusion_data
 
@@ -427,9 +464,9 @@ def evaluate(
 
     was_training = model.training
     model.eval()
-    gallery_ids = data.gallery_ids
+    items, queries = data.held_out(split)
+    gallery_ids = [item.item_id for item in items]
     gallery = embed_gallery(model, cache, gallery_ids, ev.batch_size)
-    queries = data.test_queries
     query_vectors = embed_queries(model, cache, tokenizer, queries, ev.batch_size)
     metrics, rankings = composed_recall(
         query_vectors,
@@ -455,7 +492,7 @@ def evaluate(
         )
         metrics.update({f"kind/{kind}/{k}": v for k, v in kind_metrics.items() if "/" not in k})
     if ev.cfq_candidates_per_group > 0:
-        pairs = labelled_pairs(queries, data.test_items, ev.cfq_candidates_per_group, seed=0)
+        pairs = labelled_pairs(queries, items, ev.cfq_candidates_per_group, seed=0)
         if pairs:
             position = {gid: i for i, gid in enumerate(gallery_ids)}
             scores = [
@@ -584,7 +621,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         window["sum"] += loss
         window["count"] += 1
         save = step % tc.checkpoint_every == 0 or step == tc.steps
-        if not (save or step % tc.log_every == 0):
+        validate = bool(data.val_queries) and (step % tc.validate_every == 0 or step == tc.steps)
+        if not (save or validate or step % tc.log_every == 0):
             return
         last_loss = mean_across_ranks(window["sum"] / window["count"])  # every rank reaches this together
         elapsed = max(time.monotonic() - window["started"], 1e-9)
@@ -596,7 +634,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             "train/temperature": unwrap_model(objective).loss.temperature,
             "train/queries_per_s": window["count"] * tc.batch_size * world_size / elapsed,
         }
-        history.append({"step": step, "train/loss": last_loss})
+        if validate and rank == 0:  # rank 0 holds every image; the other ranks report their losses only
+            val, _ = evaluate(unwrap_model(objective).model, cache, tokenizer, data, cfg.eval, split="val")
+            metrics |= {k: v for k, v in val.items() if k in validation_metric_names(cfg)}
+        history.append(
+            {k: v for k, v in metrics.items() if k in ("step", "train/loss") or k.startswith("val/")}
+        )
         if rank == 0:
             log.info(
                 "step %d/%d loss %.4f lr %.2e%s",
@@ -753,7 +796,17 @@ def _example_images(cfg: FusionTrainConfig, examples: Sequence[dict[str, Any]]) 
     return {i: img for i, img in zip(frame["item_id"], frame["image"], strict=True) if i in wanted}
 
 
+def validation_metric_names(cfg: FusionTrainConfig) -> set[str]:
+    """``val/recall@k`` and (with k = 10 and 50) ``val/fiq_score``, when a validation split exists."""
+    if cfg.data.val_fraction <= 0:
+        return set()
+    names = {f"val/recall@{k}" for k in cfg.eval.ks}
+    return names | ({"val/fiq_score"} if {10, 50} <= set(cfg.eval.ks) else set())
+
+
 def reported_metrics(cfg: FusionTrainConfig) -> set[str]:
-    """What every report of the loop carries (a sweep ranks trials by one of them)."""
-    del cfg  # the same keys whatever the config
-    return {"train/loss", "train/lr", "train/temperature", "train/queries_per_s"}
+    """What the loop reports (a sweep ranks trials by one of them): training metrics at every report,
+    validation metrics every ``train.validate_every`` steps."""
+    return {"train/loss", "train/lr", "train/temperature", "train/queries_per_s"} | validation_metric_names(
+        cfg
+    )

@@ -14,6 +14,7 @@ range's end points and every listed value.
 
 from __future__ import annotations
 
+import collections.abc
 import difflib
 import typing
 from collections.abc import Mapping
@@ -102,31 +103,48 @@ def _is_mapping(annotation: Any) -> bool:
     return any(_is_mapping(arg) for arg in typing.get_args(annotation) if arg is not type(None))
 
 
+def _list_item(annotation: Any) -> Any:
+    """The item type of a list annotation (``list[X]``, ``list[X] | None``), else None."""
+    if typing.get_origin(annotation) in (list, collections.abc.Sequence):
+        return typing.get_args(annotation)[0]
+    for arg in typing.get_args(annotation):
+        item = _list_item(arg)
+        if item is not None:
+            return item
+    return None
+
+
 def check_key(model: type[BaseModel], dotted: str) -> None:
-    """Raise :class:`ConfigError` unless ``dotted`` names a key of ``model`` (nearest keys suggested)."""
-    current: type[BaseModel] = model
+    """Raise :class:`ConfigError` unless ``dotted`` names a key of ``model`` (nearest keys suggested).
+    A list entry is named by its index: ``labels.groups.2.depth``."""
+    annotation: Any = model
     parts = dotted.split(".")
     for i, part in enumerate(parts):
-        fields = current.model_fields
-        if part not in fields:
-            where = ".".join(parts[:i])
-            known = sorted(fields)
-            close = difflib.get_close_matches(part, known, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else f"; keys there: {', '.join(known)}"
-            section = f" in {where}" if where else ""
-            raise ConfigError(
-                f"search space: {dotted!r} is not a key of the job config ({part!r}{section}){hint}"
-            )
-        annotation = fields[part].annotation
-        if i == len(parts) - 1:
+        where = ".".join(parts[:i])
+        models, item = _model_types(annotation), _list_item(annotation)
+        if item is not None:
+            if not part.isdigit():
+                raise ConfigError(
+                    f"search space: {dotted!r}: {where} is a list; name an entry by its index ({where}.0...)"
+                )
+            annotation = item
+        elif models:
+            fields = models[0].model_fields
+            if part not in fields:
+                known = sorted(fields)
+                close = difflib.get_close_matches(part, known, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else f"; keys there: {', '.join(known)}"
+                section = f" in {where}" if where else ""
+                raise ConfigError(
+                    f"search space: {dotted!r} is not a key of the job config ({part!r}{section}){hint}"
+                )
+            annotation = fields[part].annotation
+        elif _is_mapping(annotation):  # free-form mapping: any sub-key may exist
             return
-        models = _model_types(annotation)
-        if models:
-            current = models[0]
-            continue
-        if _is_mapping(annotation):  # free-form mapping (e.g. attribute groups): any sub-key may exist
-            return
-        raise ConfigError(f"search space: {dotted!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        else:
+            raise ConfigError(f"search space: {dotted!r}: {where} is a value, not a section")
+    if _model_types(annotation):  # a section, or a list of sections (a list of values may be swept whole)
+        raise ConfigError(f"search space: {dotted!r} is a section or list; name one of its keys")
 
 
 def check_space(
