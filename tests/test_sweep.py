@@ -344,3 +344,26 @@ def test_a_killed_trial_driver_frees_its_training_resources(ray_cluster: object,
     while group & created():
         assert time.monotonic() < deadline, "the killed run's placement group was never removed"
         time.sleep(1)
+
+
+@pytest.mark.unit
+def test_a_bad_sweep_fails_at_the_command_line_before_ray_starts(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path)
+    bad = sweep_config(
+        tmp_path, spec, search_space={"loss.margin": {"type": "uniform", "low": 0.5, "high": 0.9}}
+    )
+    data = bad.model_dump(mode="json") | {"search_space": {"loss.margn": {"type": "choice", "values": [0.1]}}}
+    sweep_file = tmp_path / "bad-sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump(data))
+    result = subprocess.run(
+        [sys.executable, "-m", "visuray.cli", "run", str(sweep_file)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2  # a config error, as for any job spec
+    assert "error: search space: 'loss.margn' is not a key of the job config" in result.stderr
+    assert "did you mean margin" in result.stderr
+    assert "Ray" not in result.stderr  # no cluster was started for it
+    assert not (tmp_path / "sweeps").exists()

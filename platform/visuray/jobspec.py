@@ -28,12 +28,19 @@ class JobKind:
     # "module:function" taking the validated config and returning the names of the metrics the job
     # reports during training (what a sweep can rank trials by); None for jobs that do not train.
     metrics: str | None = None
+    # "module:function" taking the validated config and raising ConfigError on what would fail later
+    # without needing Ray (a sweep's search space): run before a cluster starts or a job is submitted.
+    precheck: str | None = None
 
     def config_model(self) -> type[BaseModel]:
         return _import(self.config)
 
     def run(self, cfg: BaseModel) -> dict[str, Any]:
         return _import(self.runner)(cfg)
+
+    def check(self, cfg: BaseModel) -> None:
+        if self.precheck:
+            _import(self.precheck)(cfg)
 
     def reported_metrics(self, cfg: BaseModel) -> set[str]:
         return set(_import(self.metrics)(cfg)) if self.metrics else set()
@@ -99,6 +106,7 @@ JOBS: dict[str, JobKind] = {
             "visuray.sweep.run:run_sweep",
             "jobs/sweep.py",
             "tune a training job's hyperparameters with Ray Tune (ASHA early stopping)",
+            precheck="visuray.sweep.run:prepare_sweep",
         ),
     ]
 }
@@ -123,4 +131,5 @@ def load_job_spec(path: str | Path, overrides: Sequence[str] = ()) -> tuple[JobK
         raise ConfigError(f"invalid config in {path}:\n  job: missing; name one of {', '.join(JOBS)}")
     kind = job_kind(name, str(path))
     cfg = validate_config(kind.config_model(), data, str(path), overrides)
+    kind.check(cfg)
     return kind, cfg
