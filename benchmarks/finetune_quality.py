@@ -78,12 +78,17 @@ class Subset:
     categories: list[int]
 
 
-def class_split(rows: Any, min_class: int) -> tuple[list[int], list[int]]:
-    """(training classes, held-out classes): alternate article types sorted by name."""
+def eligible_classes(rows: Any, min_class: int) -> list[int]:
+    """Article types with at least ``min_class`` photos, sorted by name."""
     counts = np.bincount([label for label in rows.labels if label >= 0], minlength=len(rows.label_names))
-    eligible = sorted(
+    return sorted(
         (c for c in range(len(counts)) if counts[c] >= min_class), key=lambda c: rows.label_names[c]
     )
+
+
+def class_split(rows: Any, min_class: int) -> tuple[list[int], list[int]]:
+    """(training classes, held-out classes): alternate article types sorted by name."""
+    eligible = eligible_classes(rows, min_class)
     return eligible[0::2], eligible[1::2]
 
 

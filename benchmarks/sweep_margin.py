@@ -36,21 +36,22 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from finetune_quality import embed, ingest_fashion_products, metrics_row  # noqa: E402
+from finetune_quality import (  # noqa: E402
+    capped_rows,
+    eligible_classes,
+    embed,
+    ingest_fashion_products,
+    metrics_row,
+)
 
 
 def split_catalogs(catalog: str, work: Path, min_class: int, per_class: int, per_class_eval: int) -> dict:
     """Write the train / val / test catalogs (class-disjoint by article type) under ``work``."""
-    import numpy as np
-
     from visuray.catalog.readers import CatalogRows
     from visuray.catalog.schema import CatalogRecord, write_catalog
 
     rows = CatalogRows(catalog)
-    counts = np.bincount([x for x in rows.labels if x >= 0], minlength=len(rows.label_names))
-    eligible = sorted(
-        (c for c in range(len(counts)) if counts[c] >= min_class), key=lambda c: rows.label_names[c]
-    )
+    eligible = eligible_classes(rows, min_class)
     piles = {"train": eligible[0::4] + eligible[2::4], "val": eligible[1::4], "test": eligible[3::4]}
     caps = {"train": per_class, "val": per_class_eval, "test": per_class_eval}
     out = {}
@@ -59,20 +60,16 @@ def split_catalogs(catalog: str, work: Path, min_class: int, per_class: int, per
         out[split] = str(uri)
         if (uri / "LATEST").exists():
             continue
-        taken: dict[int, int] = {}
-        records = []
-        for i, label in enumerate(rows.labels):
-            if label in classes and taken.get(label, 0) < caps[split]:
-                taken[label] = taken.get(label, 0) + 1
-                records.append(
-                    CatalogRecord(
-                        item_id=rows.item_ids[i],
-                        image=rows.image_bytes(i),
-                        label=rows.label_names[label],
-                        category=rows.category_names[rows.categories[i]] if rows.categories[i] >= 0 else None,
-                        title=rows.titles[i],
-                    )
-                )
+        records = [
+            CatalogRecord(
+                item_id=rows.item_ids[i],
+                image=rows.image_bytes(i),
+                label=rows.label_names[rows.labels[i]],
+                category=rows.category_names[rows.categories[i]] if rows.categories[i] >= 0 else None,
+                title=rows.titles[i],
+            )
+            for i in capped_rows(rows.labels, classes, caps[split])
+        ]
         write_catalog(records, str(uri))
     return out
 

@@ -341,17 +341,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 scores, data.targets[val], data.known[val], data.space.names, cfg.eval.min_positives
             )
             metrics |= {name: report[name.removeprefix("val/")] for name in VALIDATION_METRICS}
-        history.append(
-            {k: v for k, v in metrics.items() if k in ("step", "train/loss") or k.startswith("val/")}
-        )
+        history.append(common.history_entry(metrics))
         if rank == 0:
-            val_text = "".join(f" {k} {metrics[k]:.4f}" for k in VALIDATION_METRICS if k in metrics)
             log.info(
                 "step %d/%d loss %.4f%s%s",
                 step,
                 tc.steps,
                 last_loss,
-                val_text,
+                common.validation_text(metrics),
                 " (checkpoint)" if save else "",
             )
         if save and rank == 0:

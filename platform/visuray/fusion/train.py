@@ -637,9 +637,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if validate and rank == 0:  # rank 0 holds every image; the other ranks report their losses only
             val, _ = evaluate(unwrap_model(objective).model, cache, tokenizer, data, cfg.eval, split="val")
             metrics |= {k: v for k, v in val.items() if k in validation_metric_names(cfg)}
-        history.append(
-            {k: v for k, v in metrics.items() if k in ("step", "train/loss") or k.startswith("val/")}
-        )
+        history.append(common.history_entry(metrics))
         if rank == 0:
             log.info(
                 "step %d/%d loss %.4f lr %.2e%s",

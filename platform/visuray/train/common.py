@@ -128,6 +128,16 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[s
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def history_entry(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What a run's summary keeps of one report: the step, the training loss and any validation metric."""
+    return {k: v for k, v in metrics.items() if k in ("step", "train/loss") or k.startswith("val/")}
+
+
+def validation_text(metrics: dict[str, Any]) -> str:
+    """The ``val/*`` metrics of a report, for its log line (empty when the report has none)."""
+    return "".join(f" {k} {v:.4f}" for k, v in metrics.items() if k.startswith("val/"))
+
+
 def mean_across_ranks(value: torch.Tensor) -> float:
     """The mean of a scalar over all ranks (guarded: a single process needs no process group)."""
     import torch.distributed as dist

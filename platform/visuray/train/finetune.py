@@ -550,11 +550,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             )
             engine.train()
             metrics |= val or {}
-        history.append(
-            {k: v for k, v in metrics.items() if k in ("step", "train/loss") or k.startswith("val/")}
-        )
+        history.append(common.history_entry(metrics))
         if rank == 0:
-            val_text = "".join(f" {k} {v:.4f}" for k, v in metrics.items() if k.startswith("val/"))
             log.info(
                 "step %d/%d loss %.4f lr %.2e %.1f img/s%s%s",
                 step,
@@ -562,7 +559,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 last_loss,
                 lr,
                 metrics["train/images_per_s"],
-                val_text,
+                common.validation_text(metrics),
                 " (checkpoint)" if save else "",
             )
         if save:

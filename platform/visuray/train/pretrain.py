@@ -565,9 +565,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             teacher.eval()  # BatchNorm backbones: use, never update, the running statistics
             metrics |= validation.evaluate(teacher_features, rank, world_size) or {}
             teacher.train(was_training)
-        history.append(
-            {k: v for k, v in metrics.items() if k in ("step", "train/loss") or k.startswith("val/")}
-        )
+        history.append(common.history_entry(metrics))
         scalars.scalars(metrics, step)
         if rank == 0:
             print(
