@@ -6,11 +6,20 @@ and seed from random init, on the training product lines, and is evaluated on he
 (their items are the references and the gallery). Reported: Recall@1/10/50, (R@10 + R@50) / 2, CFQ-style
 AUCs, and each fusion model's margin over every baseline.
 
+Model selection is done on validation, never on the test lines: ``--val-fraction 0.2 --split val``
+holds out 20% of the TRAINING product lines, trains without them and scores every row on them (the
+test lines are not evaluated). Settings chosen there (per row with ``--override``, e.g.
+``concat.composer_lr_scale=4``) are then run with ``--split test`` (``--val-fraction 0``: training on all
+training lines) on several seeds; every baseline gets the same settings grid on validation.
+
 It runs the train_fusion job's own loop pieces (:func:`visuray.fusion.train.train_steps`,
 :func:`~visuray.fusion.train.evaluate`) in this process, without Ray, so the budget goes to the models.
 
     .venv/bin/python benchmarks/fusion_quality.py --catalog runs/catalogs/fashion-products \\
         --out runs/benchmarks/fusion_quality [--steps 150 --max-items 2500 --depths 1 2 4]
+    # selection on validation (test lines untouched), one run per setting of the grid:
+    .venv/bin/python benchmarks/fusion_quality.py --catalog runs/catalogs/fashion-products --steps 300 \
+        --max-items 1500 --val-fraction 0.2 --split val --composer-lr-scale 4 --out runs/benchmarks/fq_val/scale4
 """
 
 from __future__ import annotations
@@ -42,21 +51,65 @@ def parse_args() -> argparse.Namespace:
         "--depths", type=int, nargs="+", default=[1, 2, 4], help="fusion depths of maaf/residual"
     )
     parser.add_argument("--models", nargs="+", default=BASELINES + FUSIONS)
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="training product lines held out for validation (model selection); with --split val the "
+        "models train without them and are scored on them, the test lines are never looked at",
+    )
+    parser.add_argument("--split", choices=["test", "val"], default="test", help="where rows are scored")
+    parser.add_argument("--composer-lr-scale", type=float, default=1.0, help="lr multiplier of the composer")
+    parser.add_argument("--residual-init-weight", type=float, default=1.0, help="residual fusion only")
+    parser.add_argument("--text-depth", type=int, default=2)
+    parser.add_argument("--fusion-dropout", type=float, default=0.1)
+    parser.add_argument(
+        "--override",
+        nargs="*",
+        default=[],
+        metavar="ROW.KEY=VALUE",
+        help="per-row settings chosen on validation, e.g. concat.lr=1e-3 maaf-d1.composer_lr_scale=4 "
+        "(keys: lr, composer_lr_scale, residual_init_weight)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     return parser.parse_args()
 
 
-def config_for(args: argparse.Namespace, catalog: str, fusion: str, depth: int) -> Any:
+OVERRIDE_KEYS = ("lr", "composer_lr_scale", "residual_init_weight")
+
+
+def overrides_of(args: argparse.Namespace, row: str) -> dict[str, float]:
+    """The ``--override`` values for a row ("concat", "maaf-d1") or for every depth of a model ("maaf")."""
+    picked: dict[str, float] = {}
+    for item in args.override:
+        target, _, value = item.partition("=")
+        name, _, key = target.rpartition(".")
+        if key not in OVERRIDE_KEYS or not value:
+            raise SystemExit(f"bad --override {item!r}: want ROW.KEY=VALUE with KEY in {OVERRIDE_KEYS}")
+        if name in (row, row.split("-d")[0]):
+            picked[key] = float(value)
+    return picked
+
+
+def config_for(
+    args: argparse.Namespace, catalog: str, fusion: str, depth: int, override: dict[str, float] | None = None
+) -> Any:
     from visuray.config import validate_config
     from visuray.fusion.train import FusionTrainConfig
 
+    o = override or {}
     return validate_config(
         FusionTrainConfig,
         {
             "catalog": catalog,
             "output": "/unused",
-            "data": {"max_items": args.max_items, "test_fraction": args.test_fraction, "seed": args.seed},
+            "data": {
+                "max_items": args.max_items,
+                "test_fraction": args.test_fraction,
+                "val_fraction": args.val_fraction,
+                "seed": args.seed,
+            },
             "model": {
                 "backbone": {
                     "name": "vit_tiny_patch16_224",
@@ -64,14 +117,23 @@ def config_for(args: argparse.Namespace, catalog: str, fusion: str, depth: int) 
                     "patch_size": args.patch_size,
                     "depth": args.vit_depth,
                 },
-                "text": {"width": 128, "depth": 2, "heads": 4, "max_length": 32, "dropout": 0.1},
+                "text": {
+                    "width": 128,
+                    "depth": args.text_depth,
+                    "heads": 4,
+                    "max_length": 32,
+                    "dropout": 0.1,
+                },
                 "fusion": fusion,
                 "fusion_depth": depth,
+                "fusion_dropout": args.fusion_dropout,
+                "residual_init_weight": o.get("residual_init_weight", args.residual_init_weight),
             },
             "train": {
                 "steps": args.steps,
                 "batch_size": args.batch_size,
-                "lr": args.lr,
+                "lr": o.get("lr", args.lr),
+                "composer_lr_scale": o.get("composer_lr_scale", args.composer_lr_scale),
                 "warmup_steps": max(1, args.steps // 10),
                 "seed": args.seed,
                 "checkpoint_every": args.steps,
@@ -99,6 +161,8 @@ def main() -> None:
     )
 
     args = parse_args()
+    if args.split == "val" and args.val_fraction <= 0:
+        raise SystemExit("--split val needs --val-fraction > 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -110,9 +174,11 @@ def main() -> None:
     tokenizer = prepare_tokenizer(base, texts, data)
     cache = ImageTensorCache(args.catalog, data.all_ids(), args.img_size)
     setup_s = time.monotonic() - started
+    scored_items, scored_queries = data.held_out(args.split)
     print(
-        f"{len(data.train_items)} train / {len(data.test_items)} held-out items, {len(data.train_queries)} train / "
-        f"{len(data.test_queries)} test queries, vocab {tokenizer.vocab_size}, setup {setup_s:.0f}s",
+        f"{len(data.train_items)} train / {len(data.val_items)} val / {len(data.test_items)} test items, "
+        f"{len(data.train_queries)} train / {len(data.val_queries)} val / {len(data.test_queries)} test "
+        f"queries; scored on {args.split}; vocab {tokenizer.vocab_size}, setup {setup_s:.0f}s",
         flush=True,
     )
 
@@ -121,7 +187,9 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     examples_of: dict[str, Any] = {}
     for fusion, depth in runs:
-        cfg = config_for(args, args.catalog, fusion, max(depth, 1))
+        name = fusion if depth == 0 else f"{fusion}-d{depth}"
+        override = overrides_of(args, name)
+        cfg = config_for(args, args.catalog, fusion, max(depth, 1), override)
         cfg.model.text.vocab_size = tokenizer.vocab_size
         torch.manual_seed(args.seed)
         objective = build_objective(cfg)
@@ -140,18 +208,20 @@ def main() -> None:
             lambda step, loss, lr, losses=losses: losses.append(float(loss)),
         )
         train_s = time.monotonic() - t0
-        metrics, examples = evaluate(objective.model, cache, tokenizer, data, cfg.eval)
-        name = fusion if depth == 0 else f"{fusion}-d{depth}"
+        metrics, examples = evaluate(objective.model, cache, tokenizer, data, cfg.eval, args.split)
+        m = {k.split("/", 1)[1]: v for k, v in metrics.items()}
         row = {
             "model": name,
-            "R@1": metrics["test/recall@1"],
-            "R@10": metrics["test/recall@10"],
-            "R@50": metrics["test/recall@50"],
-            "(R@10+R@50)/2": metrics["test/fiq_score"],
-            "variant R@10": metrics.get("test/kind/colour_variant/recall@10", float("nan")),
-            "type+colour R@10": metrics.get("test/kind/type_colour/recall@10", float("nan")),
-            "CFQ caption AUC": metrics.get("test/cfq/caption_auc", float("nan")),
-            "CFQ image AUC": metrics.get("test/cfq/image_auc", float("nan")),
+            "split": args.split,
+            "override": override,
+            "R@1": m["recall@1"],
+            "R@10": m["recall@10"],
+            "R@50": m["recall@50"],
+            "(R@10+R@50)/2": m["fiq_score"],
+            "variant R@10": m.get("kind/colour_variant/recall@10", float("nan")),
+            "type+colour R@10": m.get("kind/type_colour/recall@10", float("nan")),
+            "CFQ caption AUC": m.get("cfq/caption_auc", float("nan")),
+            "CFQ image AUC": m.get("cfq/image_auc", float("nan")),
             "final loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
             "train s": round(train_s, 1),
             "params (M)": round(sum(p.numel() for p in objective.parameters()) / 1e6, 2),
@@ -171,9 +241,14 @@ def main() -> None:
         "budget": {k: v for k, v in vars(args).items() if k not in ("catalog", "out")},
         "data": {
             "train_items": len(data.train_items),
+            "val_items": len(data.val_items),
             "test_items": len(data.test_items),
             "train_queries": len(data.train_queries),
+            "val_queries": len(data.val_queries),
             "test_queries": len(data.test_queries),
+            "scored_on": args.split,
+            "scored_items": len(scored_items),
+            "scored_queries": len(scored_queries),
         },
         "total_s": round(total_s, 1),
         "rows": rows,
@@ -189,7 +264,7 @@ def main() -> None:
         (r for r in rows if r["model"] not in BASELINES), key=lambda r: r["(R@10+R@50)/2"], default=rows[0]
     )
     html = render_report(
-        title="Composed retrieval benchmark (fashion-products, held-out product lines)",
+        title=f"Composed retrieval benchmark (fashion-products, {args.split} product lines)",
         metrics={},
         examples=examples_of[best["model"]],
         images=images,

@@ -5,6 +5,9 @@ Scenarios (each beside its no-fault baseline in the same run, on one embedded Ra
 - ``serve``: a tiny application (2-model ensemble, 2 EmbeddingEnsemble replicas) under a closed loop of
   ``--concurrency`` clients for ``--seconds``; the faulted run SIGKILLs one embedder replica after a third of
   the time. Reported: requests/s held, requests failed (and how: 503 + Retry-After or otherwise).
+- ``hotswap``: the same application (index reload polling every 0.5 s) under the same closed loop; a new
+  index version (the same vectors in an HNSW index) is published after a third of the time. Reported:
+  requests/s held, non-2xx answers (the target is none), and whether the app answers with the new version.
 - ``train``: DINO pretraining of a tiny ViT (1 worker, ``--train-steps`` steps, checkpoint every
   ``--checkpoint-every``) with ``--train-kills`` worker SIGKILLs against an uninterrupted run. Reported:
   wall time, steps redone (work lost) per kill, final step.
@@ -13,6 +16,8 @@ Scenarios (each beside its no-fault baseline in the same run, on one embedded Ra
   partial data (data lost = published versions failing verification).
 
     python benchmarks/reliability.py --seconds 20 --train-steps 30 --train-kills 3 --publish-kills 3
+
+(``--scenarios serve hotswap train publish`` picks scenarios; all four run by default.)
 
 The helpers (load loop, replica and worker killers, killed publisher) are those of
 tests/test_fault_tolerance.py, so the benchmark measures exactly what the tests assert.
@@ -78,6 +83,54 @@ def serve_scenario(tmp: Path, seconds: float, concurrency: int) -> dict:
     return {"baseline": summary(baseline), "one_replica_killed": summary(faulted), "faults_injected": 1}
 
 
+def hotswap_scenario(tmp: Path, seconds: float, concurrency: int) -> dict:
+    import threading
+
+    import httpx
+
+    from tests.conftest import free_port
+    from tests.test_fault_tolerance import run_load
+    from tests.test_serve import build_served_artifacts, multipart, publish_test_index, served_app_args
+    from visuray.images import decode_image
+    from visuray.index.ensemble import EmbeddingEnsemble
+    from visuray.serving import start_serve_app
+
+    built = build_served_artifacts(tmp)
+    args = served_app_args(tmp)  # the test app: index reload polling every 0.5 s
+    url = start_serve_app(args, port=free_port(), name="reliability-swap", access_log=False)
+    records = list(built["records"].values())
+    body = multipart(records[0].image, k="5")
+    outcome: dict = {}
+    load = threading.Thread(
+        target=lambda: outcome.update(
+            result=run_load(f"{url}/v1/search", body, {}, 10**9, concurrency, seconds)
+        )
+    )
+    load.start()
+    time.sleep(seconds / 3)
+    embedder = EmbeddingEnsemble.load(built["ensemble"])
+    new = publish_test_index(
+        str(tmp / "index"),
+        embedder.embed([decode_image(r.image) for r in records]),
+        [r.item_id for r in records],
+        built["model_version"],
+        str(tmp / "catalog"),
+        factory="HNSW32",
+    )
+    load.join()
+    result = outcome["result"]
+    served = httpx.get(f"{url}/v1/models", timeout=30).json()["index"]["version"]
+    return {
+        "seconds": round(result.seconds, 1),
+        "requests": len(result.statuses),
+        "requests_per_s": round(result.requests_per_s, 1),
+        "faults_injected": 1,
+        "non_2xx": sum(not 200 <= s < 300 for s in result.statuses),
+        "statuses": dict(Counter(result.statuses)),
+        "serves_new_version": served == new.manifest.version,
+    }
+
+
 def train_scenario(tmp: Path, steps: int, every: int, kills: int) -> dict:
     from tests.test_fault_tolerance import pretrain_with_kills
 
@@ -131,7 +184,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--scenarios", nargs="+", default=["serve", "train", "publish"])
+    parser.add_argument("--scenarios", nargs="+", default=["serve", "hotswap", "train", "publish"])
     parser.add_argument("--seconds", type=float, default=20, help="load duration of each serve run")
     parser.add_argument("--concurrency", type=int, default=6)
     parser.add_argument("--train-steps", type=int, default=30)
@@ -143,27 +196,29 @@ def main() -> None:
 
     import os
 
-    import ray
-
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "180")  # a busy machine starts it slowly
     results = {}
     with tempfile.TemporaryDirectory() as directory:
         tmp = Path(directory)
         if "publish" in args.scenarios:
             results["publish"] = publish_scenario(tmp / "publish", args.publish_kills)
             print(json.dumps({"publish": results["publish"]}), flush=True)
-        if {"serve", "train"} & set(args.scenarios):
-            ray.init(
-                address="local",
-                num_cpus=args.num_cpus,
-                include_dashboard=False,
-                log_to_driver=False,
-                runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}},
-            )
+        if {"serve", "hotswap", "train"} & set(args.scenarios):
+            from visuray.cluster import ensure_ray
+
+            ensure_ray(num_cpus=args.num_cpus, log_to_driver=False)
         if "serve" in args.scenarios:
             (tmp / "serve").mkdir()
             results["serve"] = serve_scenario(tmp / "serve", args.seconds, args.concurrency)
             print(json.dumps({"serve": results["serve"]}), flush=True)
+            from ray import serve
+
+            serve.shutdown()
+        if "hotswap" in args.scenarios:
+            (tmp / "hotswap").mkdir()
+            results["hotswap"] = hotswap_scenario(tmp / "hotswap", args.seconds, args.concurrency)
+            print(json.dumps({"hotswap": results["hotswap"]}), flush=True)
             from ray import serve
 
             serve.shutdown()

@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Ray reads this when it is first imported: on a loaded 2-core machine the dashboard of a new cluster (the
+# session's, or one a CLI subprocess starts) can take over Ray's default 60 s to come up.
+os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "180")
 
 
 def free_port() -> int:

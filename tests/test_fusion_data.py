@@ -97,6 +97,24 @@ def test_held_out_split_keeps_product_lines_together_and_subset_is_deterministic
     assert len(subset_items(items, 4, seed=1)) <= 4
 
 
+def test_validation_split_with_a_subset_takes_only_some_training_lines() -> None:
+    """The subset keeps the lines lowest under one hash; the validation split must use another, or every
+    kept training line would land in validation (and training would be empty)."""
+    from visuray.fusion.train import DataSection, build_fusion_data
+
+    items = [
+        CatalogItem(f"{line}-{colour}", "Tshirts", colour.lower(), "Apparel", f"brand{line} men tshirt")
+        for line in range(60)
+        for colour in ("Red", "Blue")
+    ]
+    data = build_fusion_data(items, DataSection(max_items=40, test_fraction=0.25, val_fraction=0.3, seed=0))
+    lines = [{i.product_line for i in split} for split in (data.train_items, data.val_items, data.test_items)]
+    assert all(lines) and not (lines[0] & lines[1] or lines[0] & lines[2] or lines[1] & lines[2])
+    assert len(data.train_items) > len(data.val_items) and data.val_queries and data.train_queries
+    without_val = build_fusion_data(items, DataSection(max_items=40, test_fraction=0.25, seed=0))
+    assert without_val.test_items == data.test_items  # validation comes out of training only
+
+
 # ---------------------------------------------------------------- (b) readers
 
 

@@ -243,3 +243,20 @@ def test_maaf_adds_its_fused_change_to_the_image_embedding() -> None:
     torch.nn.init.zeros_(maaf.out.weight)
     torch.nn.init.zeros_(maaf.out.bias)
     torch.testing.assert_close(maaf(*inputs), image_embedding)
+
+
+def test_composer_lr_scale_multiplies_only_the_composers_rate() -> None:
+    from visuray.fusion.losses import FusionObjective
+    from visuray.fusion.train import FusionTrainSection, optimizer_for
+
+    objective = FusionObjective(build_fusion_model(tiny_cfg("maaf")), BatchSoftmaxContrastiveLoss(0.07))
+    composer = {id(p) for p in objective.model.composer.parameters()}
+    assert len(optimizer_for(objective, FusionTrainSection(lr=1e-3)).param_groups) == 2  # as before
+    groups = optimizer_for(objective, FusionTrainSection(lr=1e-3, composer_lr_scale=4.0)).param_groups
+    seen = 0
+    for group in groups:
+        in_composer = {id(p) in composer for p in group["params"]}
+        assert len(in_composer) == 1  # a group is all composer or all encoder
+        assert group["lr_scale"] == (4.0 if in_composer.pop() else 1.0)
+        seen += len(group["params"])
+    assert seen == sum(1 for p in objective.parameters() if p.requires_grad)

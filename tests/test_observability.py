@@ -113,6 +113,31 @@ def test_status_overview_of_a_runs_root(tmp_path: Path, capsys: pytest.CaptureFi
     assert "no published artifacts" in capsys.readouterr().out
 
 
+@pytest.mark.unit
+def test_status_lists_sweeps_before_and_after_their_results(tmp_path: Path) -> None:
+    root = tmp_path / "sweeps" / "margins"
+    root.mkdir(parents=True)
+    (root / "sweep.yaml").write_text(
+        "job: sweep\nname: margins\nspec: jobs/configs/finetune_vit_tiny.yaml\nmetric: val/map@r\nmode: min\n"
+        "num_samples: 3\nsearch_space: {loss.margin: {type: choice, values: [0.1, 0.2]}}\n"
+    )
+    data = overview(str(tmp_path), include_cluster=False)
+    (sweep,) = data["sweeps"]
+    assert sweep["job"] == "jobs/configs/finetune_vit_tiny.yaml" and sweep["results"] is False
+    assert "no results table yet" in format_overview(data)
+
+    (root / "results.csv").write_text(
+        "trial_id,status,loss.margin,last val/map@r\n"
+        "a,completed,0.1,0.30\nb,completed,0.2,0.20\nc,stopped early,0.1,0.05\nd,error,0.2,\n"
+    )
+    data = overview(str(tmp_path), include_cluster=False)
+    (sweep,) = data["sweeps"]
+    assert sweep["trials"] == {"completed": 2, "stopped early": 1, "error": 1}
+    # mode min: the lower completed metric wins; a stopped trial's lower value does not count
+    assert sweep["best"] == {"trial_id": "b", "val/map@r": 0.2}
+    assert "2 completed" in format_overview(data) and "best trial b" in format_overview(data)
+
+
 # -------------------------------------------------------------------------------------- live
 def scrape(port: int) -> str:
     return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text

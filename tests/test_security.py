@@ -123,6 +123,33 @@ def test_guard_compares_every_key_in_constant_time(monkeypatch: pytest.MonkeyPat
 
 
 @pytest.mark.unit
+def test_configs_written_beside_artifacts_carry_no_storage_credentials() -> None:
+    import yaml
+
+    from visuray.config import config_to_yaml, validate_config
+    from visuray.train.finetune import FinetuneConfig
+
+    spec = {
+        "job": "finetune",
+        "catalog": "s3://b/c",
+        "output": "s3://b/models/m",
+        "storage": {"key": "AKIA-TEST", "secret": "s3cr3t-value"},
+    }
+    cfg = validate_config(FinetuneConfig, spec, "spec.yaml")
+    written = config_to_yaml(cfg)
+    assert "s3cr3t-value" not in written and "AKIA-TEST" not in written
+    assert yaml.safe_load(written)["storage"] == {
+        **yaml.safe_load(written)["storage"],
+        "key": None,
+        "secret": None,
+    }
+    # reloading the written config works: the credentials then come from the environment
+    assert validate_config(FinetuneConfig, yaml.safe_load(written), "written.yaml").catalog == "s3://b/c"
+    # a job submission passes them on to the cluster's driver as given
+    assert "s3cr3t-value" in config_to_yaml(cfg, keep_credentials=True)
+
+
+@pytest.mark.unit
 def test_serving_code_has_no_way_to_fetch_a_url() -> None:
     """The request path never opens a client connection: no HTTP client or URL opener is used by the
     router, the input parsing or the deployments (catalog images come from storage, by item id)."""

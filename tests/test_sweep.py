@@ -18,6 +18,7 @@ from tests.conftest import REPO_ROOT
 from tests.test_finetune import write_colour_catalog
 from visuray.config import ConfigError, validate_config
 from visuray.jobspec import load_job_spec
+from visuray.status import overview
 from visuray.sweep.config import SweepConfig
 from visuray.sweep.run import concurrent_trials, prepare_sweep, trial_job_data
 from visuray.sweep.space import ParamSpec, check_key
@@ -214,25 +215,13 @@ def read_results(root: Path) -> pd.DataFrame:
     return table
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_sweep_runs_trials_with_asha_and_writes_results(ray_cluster: object, tmp_path: Path) -> None:
-    from visuray.sweep.run import run_sweep
-
-    write_colour_catalog(str(tmp_path / "catalog"))
-    write_colour_catalog(str(tmp_path / "val-catalog"), per_class=4, seed=1)
-    cfg = sweep_config(tmp_path, write_spec(tmp_path))
-    summary = run_sweep(cfg)
-
-    root = tmp_path / "sweeps" / "margins"
-    table = read_results(root)
-    assert len(table) == summary["trials"] == 4
-    assert set(table["status"]) <= {"completed", "stopped early"} and summary["errors"] == 0
+def check_results(root: Path, table: pd.DataFrame, steps: int) -> None:
+    """A finished ASHA sweep's outputs: statuses, steps, values in range, the best spec, the plots, and
+    what `visuray status` says of it."""
+    assert set(table["status"]) <= {"completed", "stopped early"}
     finished = table[table["status"] == "completed"]
-    assert len(finished) == summary["completed"] >= 1
-    assert (finished["steps"] == 6).all()
-    assert (table.loc[table["status"] == "stopped early", "steps"] < 6).all()
-    assert summary["steps_trained"] == table["steps"].sum()
+    assert len(finished) >= 1 and (finished["steps"] == steps).all()
+    assert (table.loc[table["status"] == "stopped early", "steps"] < steps).all()
     assert table["loss.margin"].between(0.05, 0.5).all() and set(table["loss.miner"]) <= {
         "batch_all",
         "batch_hard",
@@ -246,25 +235,29 @@ def test_sweep_runs_trials_with_asha_and_writes_results(ray_cluster: object, tmp
     assert kind.name == "finetune" and best_cfg.name == "tiny"
     assert best_cfg.loss.miner == best["loss.miner"]
     assert best_cfg.loss.margin == pytest.approx(best["loss.margin"])
-    assert summary["best"]["trial_id"] == best["trial_id"]
-    # Each completed trial published its model once.
-    for model in finished["model"]:
+    for model in finished["model"]:  # each completed trial published its model once
         assert len(os.listdir(Path(model) / "versions")) == 1
     for key in ("loss.margin", "loss.miner"):
         assert (root / "plots" / f"val_map_r_vs_{key}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # `visuray status` lists the sweep with its trials by status and its best trial.
+    (sweep,) = overview(str(root.parent), include_cluster=False)["sweeps"]
+    assert sweep["uri"] == str(root) and sweep["metric"] == "val/map@r" and sweep["results"]
+    assert sweep["trials"] == table["status"].value_counts().to_dict()
+    assert sweep["best"] == {"trial_id": best["trial_id"], "val/map@r": pytest.approx(best["last val/map@r"])}
+
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
-    ray_cluster: object, tmp_path: Path
-) -> None:
-    """Ctrl-C a sweep (its own Ray cluster, in a subprocess) while its second trial trains; rerunning the
-    same command finishes that trial, and the first one, finished before, is not trained again."""
+def test_an_interrupted_asha_sweep_resumes_and_writes_results(ray_cluster: object, tmp_path: Path) -> None:
+    """Ctrl-C a sweep (its own Ray cluster, in a subprocess, as `visuray run` runs it) while its second
+    trial trains; rerunning the same command finishes the sweep under ASHA, and the first trial, finished
+    before, is not trained again. Then the outputs of the whole sweep are checked."""
     write_colour_catalog(str(tmp_path / "catalog"))
     write_colour_catalog(str(tmp_path / "val-catalog"), per_class=4, seed=1)
-    cfg = sweep_config(tmp_path, write_spec(tmp_path), num_samples=2, max_concurrent_trials=1)
-    cfg = cfg.model_copy(update={"scheduler": cfg.scheduler.model_copy(update={"name": "fifo"})})
+    # One trial at a time: ASHA continues the first trial at every rung (nothing to compare it with) and
+    # may stop the later ones at step 2 or 4 against it.
+    cfg = sweep_config(tmp_path, write_spec(tmp_path), num_samples=3, max_concurrent_trials=1)
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONUNBUFFERED": "1"}
@@ -274,8 +267,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
     first = subprocess.Popen(command, cwd=REPO_ROOT, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
-        # One trial at a time: the second trial's training run exists only once Tune has recorded the
-        # first trial as finished.
+        # The second trial's training run exists only once Tune has recorded the first trial as finished.
         while len(list((root / "train").glob("margins-*"))) < 2:
             assert first.poll() is None, "the sweep ended before it was interrupted"
             assert time.monotonic() < deadline, "the first trial did not finish in time"
@@ -288,19 +280,23 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
     assert first.returncode != 0  # an interrupted sweep is not a finished one
     finished_first = sorted(p.name.removeprefix("margins-") for p in (root / "train").glob("margins-*"))[0]
     assert (root / "models" / finished_first / "LATEST").exists()
+    # the partial table an interrupted sweep leaves shows in `visuray status` too
+    assert overview(str(tmp_path / "sweeps"), include_cluster=False)["sweeps"][0]["results"]
 
     second = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     table = read_results(root)
-    assert len(table) == 2 and (table["status"] == "completed").all()
+    assert len(table) == 3
+    first_row = table.set_index("trial_id").loc[finished_first]
+    assert first_row["status"] == "completed"
     assert len(os.listdir(root / "models" / finished_first / "versions")) == 1  # not trained again
-    for trial in table["trial_id"]:
-        assert (root / "models" / trial / "LATEST").exists()
+    check_results(root, table, steps=6)
 
     changed = cfg.model_copy(update={"num_samples": 5})
     sweep_file.write_text(yaml.safe_dump(changed.model_dump(mode="json")))
     third = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert third.returncode != 0 and "started with a different config" in third.stderr
+    assert "starting an embedded local Ray cluster" not in third.stderr  # refused before Ray starts
 
 
 @pytest.mark.ray

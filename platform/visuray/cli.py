@@ -363,6 +363,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    # Read by Ray when first imported (below, by the command): a new embedded cluster's dashboard, which
+    # Ray Train needs to free stopped runs' resources, can take over Ray's default 60 s on a busy machine.
+    os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "180")
     from visuray.errors import VisurayError
 
     try:

@@ -150,6 +150,24 @@ def load_config(model: type[T], path: str | Path | None, overrides: Sequence[str
     return validate_config(model, data, str(path) if path is not None else "<defaults>", overrides)
 
 
-def config_to_yaml(cfg: BaseModel) -> str:
-    """The resolved config as YAML, saved next to every artifact so a run can be reproduced."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+def without_credentials(data: Any) -> Any:
+    """A copy of dumped config ``data`` with storage credentials (``key`` and ``secret`` of every section that
+    has a ``secret``) set to null: what is written beside artifacts must not leak them, and a run reproduced
+    from it takes its credentials from the environment (or the instance profile) as it should."""
+    if isinstance(data, dict):
+        out = {k: without_credentials(v) for k, v in data.items()}
+        if "secret" in out:
+            out["secret"] = None
+            if "key" in out:
+                out["key"] = None
+        return out
+    if isinstance(data, list):
+        return [without_credentials(v) for v in data]
+    return data
+
+
+def config_to_yaml(cfg: BaseModel, keep_credentials: bool = False) -> str:
+    """The resolved config as YAML, saved next to every artifact so a run can be reproduced; storage
+    credentials are nulled unless ``keep_credentials`` (a job submission that must pass them on)."""
+    data = cfg.model_dump(mode="json")
+    return yaml.safe_dump(data if keep_credentials else without_credentials(data), sort_keys=False)

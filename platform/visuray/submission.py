@@ -67,7 +67,7 @@ def build_submission(
         "working_dir": str(REPO_ROOT),
         "excludes": WORKING_DIR_EXCLUDES,
         "py_modules": [str(Path(visuray.__file__).parent)],
-        "env_vars": {SPEC_ENV: config_to_yaml(cfg), "RAY_TRAIN_V2_ENABLED": "1"},
+        "env_vars": {SPEC_ENV: config_to_yaml(cfg, keep_credentials=True), "RAY_TRAIN_V2_ENABLED": "1"},
     }
     if with_requirements:
         runtime_env["pip"] = {"packages": pinned_requirements(), "pip_check": False}

@@ -101,6 +101,12 @@ class FusionTrainSection(common.TrainLoopSection):
         64, ge=2, description="queries per worker step: the other 63 targets are each query's negatives"
     )
     lr: float = Field(5e-4, gt=0, description="peak AdamW rate; models start from scratch here")
+    composer_lr_scale: float = Field(
+        1.0,
+        gt=0,
+        description="learning-rate multiplier of the composer (the fusion module or baseline head on top of "
+        "the encoders); the encoders keep ``lr``",
+    )
     min_lr: float = Field(1e-6, ge=0, description="end of the cosine decay")
     weight_decay: float = Field(0.05, ge=0, description="on matrices only, as for ViTs")
     warmup_steps: int = Field(20, ge=0, description="linear warm-up; transformers need a gentle start")
@@ -212,7 +218,9 @@ def build_fusion_data(items: Sequence[CatalogItem], data: DataSection) -> Fusion
     train_items, test_items = split_held_out(subset, data.test_fraction, data.seed)
     val_items: list[CatalogItem] = []
     if data.val_fraction > 0:  # whole product lines again, from the training side only
-        train_items, val_items = split_held_out(train_items, data.val_fraction, data.seed + 1)
+        # Salt seed + 2: subset_items ranks lines by the seed + 1 hash and keeps the lowest, so splitting
+        # with that hash again would put every kept line in validation.
+        train_items, val_items = split_held_out(train_items, data.val_fraction, data.seed + 2)
 
     def queries(split: Sequence[CatalogItem], offset: int) -> list[ComposedQuery]:
         return fashion_products_queries(split, data.kinds, data.seed + offset, data.type_colour_per_item)
@@ -358,11 +366,28 @@ def init_pretrained_parts(model: nn.Module, cfg: FusionTrainConfig) -> list[str]
 
 
 def optimizer_for(objective: nn.Module, tc: FusionTrainSection) -> Any:
+    """AdamW with decay on matrices only; the composer's groups carry ``lr_scale`` (see train_steps)."""
     import torch
 
     from visuray.train.common import optimizer_param_groups
 
-    return torch.optim.AdamW(optimizer_param_groups(objective, tc.weight_decay), lr=tc.lr)
+    if tc.composer_lr_scale == 1.0:  # the two groups checkpoints written before the multiplier hold
+        return torch.optim.AdamW(optimizer_param_groups(objective, tc.weight_decay), lr=tc.lr)
+    groups: list[dict[str, Any]] = []
+    for is_composer in (False, True):
+        params = [
+            (name, p)
+            for name, p in objective.named_parameters()
+            if p.requires_grad and (".composer." in f".{name}") == is_composer
+        ]
+        scale = tc.composer_lr_scale if is_composer else 1.0
+        decay = [p for _, p in params if p.ndim >= 2]
+        no_decay = [p for _, p in params if p.ndim < 2]
+        groups += [
+            {"params": decay, "weight_decay": tc.weight_decay, "lr_scale": scale},
+            {"params": no_decay, "weight_decay": 0.0, "lr_scale": scale},
+        ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr)
 
 
 def train_steps(
@@ -396,7 +421,7 @@ def train_steps(
         ids, padding = tokenizer([q.text for q in picked])
         lr = schedule[step]
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         loss = objective(
             reference, ids.to(device), padding.to(device), target, ignore_mask(picked, targets).to(device)
         )

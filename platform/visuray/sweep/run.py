@@ -22,7 +22,14 @@ from typing import Any
 
 import yaml
 
-from visuray.config import ConfigError, apply_overrides, apply_values, read_yaml, validate_config
+from visuray.config import (
+    ConfigError,
+    apply_overrides,
+    apply_values,
+    read_yaml,
+    validate_config,
+    without_credentials,
+)
 from visuray.errors import VisurayError
 from visuray.jobspec import JOBS, JobKind, job_kind
 from visuray.sweep.config import SweepConfig
@@ -168,24 +175,25 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     from visuray.train.ray_job import ray_storage
 
     prepared = prepare_sweep(cfg)
-    ensure_ray()
-    import ray
-
     root = join(absolute_uri(cfg.output), cfg.name)  # a URI: what trials and outputs write to
     storage_path, storage_fs = ray_storage(cfg.output, cfg.storage)
     tune_path = posixpath.join(storage_path, cfg.name)  # the same place, as Tune addresses it
+    wanted = without_credentials(cfg.model_dump(mode="json"))  # stored with the sweep: no secrets
+    stored = _stored_sweep(root, cfg.storage)
+    resuming = stored is not None and tune.Tuner.can_restore(tune_path, storage_filesystem=storage_fs)
+    if resuming and stored != wanted:  # refused before a cluster starts
+        raise ConfigError(
+            f"sweep {cfg.name!r} at {root} was started with a different config; rerun it unchanged to "
+            "resume, or give the new sweep another name"
+        )
+    ensure_ray()
+    import ray
+
     trainable = tune.with_resources(
         tune.with_parameters(_trial, prepared=prepared, root=root), driver_resources(cfg.driver_cpus)
     )
-    wanted = cfg.model_dump(mode="json")
-    stored = _stored_sweep(root, cfg.storage)
     started = time.monotonic()
-    if stored is not None and tune.Tuner.can_restore(tune_path, storage_filesystem=storage_fs):
-        if stored != wanted:
-            raise ConfigError(
-                f"sweep {cfg.name!r} at {root} was started with a different config; rerun it unchanged to "
-                "resume, or give the new sweep another name"
-            )
+    if resuming:
         log.info("resuming sweep %s: finished trials are kept, unfinished ones continue", root)
         tuner = tune.Tuner.restore(
             tune_path,

@@ -10,7 +10,11 @@ Choices in those files, since JSON carries no comments:
 - ``stage3_param_persistence_threshold: 0`` (ZeRO-3): every parameter is partitioned, however small, so
   small models (and the tests) are really sharded. On large models 1e5 keeps biases and norms replicated
   and saves many tiny all-gathers.
-- bucket sizes of 5e7 elements: a few hundred MB of buffers at fp32, small enough for CPU workers.
+- bucket sizes of 5e6 elements (20 MB at fp32): ZeRO-3 keeps a reduction bucket of this size standing,
+  and at 5e7 (190 MiB) that bucket outweighed the whole gradient of a ViT-S/16 with its DINO head, so
+  stage 3 held more per rank than stage 0 (``benchmarks/pretrain_memory.py``: 469 against 446 MiB; 298
+  MiB at 5e6). Raise them towards DeepSpeed's 5e8 for billion-parameter models on GPUs, where bigger
+  buckets mean fewer, more efficient collectives.
 
 Precision: bf16 on GPU (no loss scaling needed, unlike fp16), fp32 on CPU, where DeepSpeed runs with its
 CPU accelerator over the gloo process group that Ray Train created.
@@ -155,14 +159,20 @@ def engine_dtype(engine: Any) -> torch.dtype:
 def full_fp32_param(param: torch.Tensor) -> torch.Tensor | None:
     """The complete fp32 value of a parameter of a DeepSpeed engine's module, at any ZeRO stage.
 
-    ZeRO-1/2 and bf16 keep an fp32 master copy in the optimizer (sharded across ranks); ZeRO-3 also
-    shards the parameter itself. ``safe_get_full_fp32_param`` all-gathers the master copy in both cases,
-    so this is a collective: every rank must call it for the same parameters in the same order. Without a
-    master copy (stage 0 in fp32) the parameter holds the full fp32 value itself. Frozen parameters
-    (no master copy) give None under ZeRO-3.
+    An fp32 parameter that ZeRO does not partition (stages 0-2 in fp32) is itself the full value: after
+    ``engine.step()`` ZeRO-1/2 have all-gathered the updated master partitions into it, bit for bit. It is
+    returned as is, with no communication (asking DeepSpeed for the master copy instead costs one
+    all-reduce per parameter, dozens per step for an EMA teacher). With bf16 the module's copy is rounded,
+    and ZeRO-3 shards the parameter itself: then ``safe_get_full_fp32_param`` all-gathers the fp32 master
+    copy, a collective that every rank must call for the same parameters in the same order (the dtype and
+    the stage are the same on every rank, so every rank takes the same branch). Frozen parameters (no
+    master copy) give None under ZeRO-3.
     """
+    import torch
     from deepspeed.utils import safe_get_full_fp32_param
 
+    if param.dtype == torch.float32 and not hasattr(param, "ds_id"):
+        return param.detach()
     value = safe_get_full_fp32_param(param)
     if value is not None:
         return value
