@@ -79,6 +79,8 @@ def make_runs_root(root: Path) -> None:
         ckpt.mkdir(parents=True)
         (ckpt / "train_state.json").write_text(json.dumps({"step": step}))
     (root / "train" / "pretrain-vit" / "tensorboard").mkdir()
+    # Ray Train's own bookkeeping file beside the checkpoints is not a checkpoint
+    (root / "train" / "pretrain-vit" / "checkpoint_manager_snapshot.json").write_text("{}")
 
 
 @pytest.mark.unit

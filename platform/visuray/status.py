@@ -78,8 +78,10 @@ def _artifact_entry(uri: str, options: StorageOptions | None) -> dict[str, Any]:
 
 def _run_entry(uri: str, options: StorageOptions | None) -> dict[str, Any]:
     fs, path = get_filesystem(uri, options)
-    checkpoints = sorted(
-        p for p in fs.ls(path, detail=False) if posixpath.basename(p).startswith("checkpoint_")
+    checkpoints = sorted(  # folders only: Ray Train keeps a checkpoint_manager_snapshot.json beside them
+        e["name"]
+        for e in fs.ls(path, detail=True)
+        if e["type"] == "directory" and posixpath.basename(e["name"]).startswith("checkpoint_")
     )
     entry: dict[str, Any] = {"uri": uri, "checkpoints": len(checkpoints), "latest_step": None}
     steps = []
