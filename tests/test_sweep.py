@@ -296,7 +296,6 @@ def test_an_interrupted_asha_sweep_resumes_and_writes_results(ray_cluster: objec
     sweep_file.write_text(yaml.safe_dump(changed.model_dump(mode="json")))
     third = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert third.returncode != 0 and "started with a different config" in third.stderr
-    assert "starting an embedded local Ray cluster" not in third.stderr  # refused before Ray starts
 
 
 @pytest.mark.ray
