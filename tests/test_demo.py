@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -10,9 +11,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
+from visuray.catalog.colours import PALETTE
 
-pytestmark = [pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent
+# The default limit is for an idle 2-core machine; one shared with other heavy jobs (load average many times
+# its cores) can need several times longer: raise it there (VISURAY_DEMO_TIMEOUT_S=2700).
+DEMO_TIMEOUT_S = int(os.environ.get("VISURAY_DEMO_TIMEOUT_S", "900"))
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(DEMO_TIMEOUT_S + 60)]
 
 
 def test_demo_runs_end_to_end(tmp_path):
@@ -20,19 +25,63 @@ def test_demo_runs_end_to_end(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "visuray.cli", "demo", "--output", str(out), "--port", str(free_port()),
          "--steps", "20"],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+        cwd=REPO, capture_output=True, text=True, timeout=DEMO_TIMEOUT_S,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    # every stage announced itself, in order, the DINO stage among them
+    banners = re.findall(r"=+ (\d)/8 ", console)
+    assert sorted(set(banners)) == [str(i) for i in range(1, 9)], banners
+    assert "2/8 DINO self-supervised pretraining (no labels)" in console
+
     queries = re.findall(r"^query\s+(\S+)\s+\S+\s+-> (.+)$", proc.stdout, flags=re.M)
     assert len(queries) == 20  # 2 bundled query photos for each of the 10 classes
     for _, shown in queries:
         assert len(shown.split(", ")) == 5  # five neighbours, each "label(score)"
-    report = (out / "report.html").read_text()
-    assert report.count("<figure") == 20 * 6  # each query beside its five neighbours
-    assert "raw pixels" in report and "random init" in report
-    # the attribute stage ran, was served over HTTP (/v1/attributes) and is reported against its baseline
-    assert "Attributes (held-out photos)" in report and "pooled baseline" in report
+    # the attribute stage ran, was served over HTTP (/v1/attributes)
     assert proc.stdout.count("attributes: ") == 20
+
+    # composed search over HTTP: one query per query photo, asking for another colour of its class
+    assert "estimated from the pixels".upper() in proc.stdout.upper() and "TEMPLATED" in proc.stdout
+    composed = re.findall(
+        r"^composed\s+(\S+)\s+(\S+) \+ 'same but in (\w+)'\s+-> (.+)$", proc.stdout, flags=re.M
+    )
+    assert len(composed) == 20, proc.stdout[-3000:]
+    for _cls, own, wanted, shown in composed:
+        assert own in PALETTE and wanted in PALETTE and wanted != own
+        neighbours = re.findall(r"(\S+)/(\w+)\((-?[0-9.]+)\)", shown)
+        assert len(neighbours) == 5, shown
+        assert all(colour in PALETTE for _, colour, _ in neighbours)
+        scores = [float(s) for _, _, s in neighbours]
+        assert scores == sorted(scores, reverse=True)
+    assert re.search(r"^composed: 20 HTTP queries, neighbours of the query's class in the asked colour: "
+                     r"\d+/100", proc.stdout, flags=re.M)  # fmt: skip
+
+    # the leave-one-out table, printed and reported, has the SSL row beside the others
+    rows = dict(re.findall(r"^  (\S.+?)\s+recall@1 ([0-9.]+)\s+map@r [0-9.]+$", proc.stdout, flags=re.M))
+    assert set(rows) == {
+        "raw pixels (16x16 RGB)",
+        "random init (same ViT)",
+        "DINO pretrained (no labels)",
+        "trained (multi-similarity)",
+    }, rows
+
+    report = (out / "report.html").read_text()
+    # each HTTP query beside its five neighbours, each composed query beside its five
+    assert report.count("<figure") == 20 * 6 + 20 * 6
+    assert "raw pixels" in report and "random init" in report and "DINO pretrained (no labels)" in report
+    assert "Attributes (held-out photos)" in report and "pooled baseline" in report
+    assert "Composed search over HTTP (20 queries" in report and report.count("class='row composed'") == 20
+    assert "ESTIMATED FROM THE PIXELS" in report and "TEMPLATED" in report
+    assert "DINO pretraining steps (no labels)" in report and "fusion index version" in report
     # every artifact of the chain was published (manifest last)
-    for artifact in ("catalog", "model", "index", "attributes/attribute-model"):
+    for artifact in (
+        "catalog",
+        "ssl-model",
+        "model",
+        "index",
+        "attributes/attribute-model",
+        "fusion-model",
+        "fusion-index",
+    ):
         assert (out / artifact / "LATEST").exists(), artifact

@@ -62,6 +62,24 @@ def test_product_line_key_removes_only_the_colour_words() -> None:
     assert product_line_key("Bluebird Shirt", "Blue") == "bluebird shirt"  # whole words only
 
 
+def test_items_without_a_title_have_no_product_line() -> None:
+    """A catalog without titles (an image folder with a colour column) reads back None or NaN titles:
+    such items still form "same type, in <colour>" queries, and no colour-variant line."""
+    items = catalog_items(
+        ["a", "b", "c"],
+        ["hat", "hat", "hat"],
+        [{"class": "hat", "colour": "Red"}] * 3,
+        [None, float("nan"), "Red Cap"],
+        type_key="class",
+        colour_key="colour",
+    )
+    assert [(i.article_type, i.colour, i.product_line) for i in items] == [
+        ("hat", "red", ""),
+        ("hat", "red", ""),
+        ("hat", "red", "hat|cap"),
+    ]
+
+
 def test_type_colour_queries_list_every_item_of_that_type_and_colour() -> None:
     items = _items()
     queries = fashion_products_queries(items, kinds=["type_colour"], seed=0, type_colour_per_item=3)

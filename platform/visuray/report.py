@@ -1,4 +1,5 @@
-"""Self-contained HTML reports (images inlined as base64): queries beside their neighbours, baselines."""
+"""Self-contained HTML reports (images inlined as base64): queries beside their neighbours, composed
+queries beside theirs, attributes and the leave-one-out baselines table."""
 
 from __future__ import annotations
 
@@ -20,6 +21,21 @@ class QueryResult:
     hits: list[dict[str, Any]]  # item_id, score, label, title as the router returns them
     hit_images: list[bytes] = field(default_factory=list)
     attributes: list[str] = field(default_factory=list)  # "label score" above each label's threshold
+
+
+@dataclass
+class ComposedResult:
+    """One composed query (reference image + modifying text) and what /v1/search/composed answered."""
+
+    name: str
+    expected: str  # the reference's class
+    colour: str  # the reference's estimated colour
+    text: str
+    wanted_colour: str  # the colour the text asks for
+    image: bytes
+    hits: list[dict[str, Any]]
+    hit_images: list[bytes] = field(default_factory=list)
+    hit_colours: list[str] = field(default_factory=list)  # each neighbour's estimated colour
 
 
 def _img_tag(data: bytes, caption: str, ok: bool | None = None) -> str:
@@ -58,17 +74,20 @@ def raw_pixel_embedding(images: list[bytes], size: int = 16) -> np.ndarray:
     return np.stack(rows)
 
 
-def baseline_table(catalog_uri: str, model_uri: str, model_cfg: dict[str, Any]) -> list[dict[str, Any]]:
-    """Leave-one-out retrieval by label on the catalog: raw pixels, random init, the trained model.
+def baseline_table(
+    catalog_uri: str, model_uri: str, model_cfg: dict[str, Any], ssl_model_uri: str | None = None
+) -> list[dict[str, Any]]:
+    """Leave-one-out retrieval by label on the catalog: raw pixels, random init, DINO, the trained model.
 
     Protocol: every catalog item is a query against all other items; an item of the same label is a
-    hit. The same preprocessing is used for both networks; the random-init network has the trained
-    model's architecture and seed 0.
+    hit. The same preprocessing is used for every network; the random-init network has the trained
+    model's architecture and seed 0. ``ssl_model_uri`` (a pretrain job's artifact: the DINO teacher's
+    backbone, pooled features, no labels seen) adds the "DINO pretrained (no labels)" row.
     """
     import torch
 
     from visuray.catalog.readers import load_catalog_frame
-    from visuray.checkpoint import load_embedding_model
+    from visuray.checkpoint import load_embedding_model, read_model_config
     from visuray.evaluation.retrieval import retrieval_metrics
     from visuray.models.embedding import EmbeddingModelConfig, build_embedding_model
 
@@ -82,8 +101,13 @@ def baseline_table(catalog_uri: str, model_uri: str, model_cfg: dict[str, Any]) 
     candidates = {
         "raw pixels (16x16 RGB)": raw_pixel_embedding(images),
         "random init (same ViT)": embed_images_in_process(images, random_model, cfg.backbone.img_size),
-        "trained (multi-similarity)": embed_images_in_process(images, trained, cfg.backbone.img_size),
     }
+    if ssl_model_uri is not None:
+        ssl_model, ssl_artifact = load_embedding_model(ssl_model_uri)
+        candidates["DINO pretrained (no labels)"] = embed_images_in_process(
+            images, ssl_model, read_model_config(ssl_artifact).backbone.img_size
+        )
+    candidates["trained (multi-similarity)"] = embed_images_in_process(images, trained, cfg.backbone.img_size)
     rows = []
     for name, vectors in candidates.items():
         m = retrieval_metrics(vectors, labels, ks=(1, 5))
@@ -120,6 +144,50 @@ def _attribute_section(attributes: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _composed_section(
+    composed: list[ComposedResult], note: str | None, metrics: dict[str, Any] | None, chance: float | None
+) -> list[str]:
+    """Composed queries over HTTP: the reference, the text, the neighbours with class, colour and score."""
+    hits = [
+        h.get("label") == c.expected and colour == c.wanted_colour
+        for c in composed
+        for h, colour in zip(c.hits, c.hit_colours, strict=False)
+    ]
+    parts = [
+        f"<h2>Composed search over HTTP ({len(composed)} queries; neighbours of the query's class in the "
+        f"asked colour: {sum(hits)}/{len(hits)})</h2>",
+        f"<p><b>{html.escape(note or '')}</b></p>",
+        "<p>Green: neighbour has the query's class and the asked colour; red: it does not."
+        + (
+            f" Chance (neighbours drawn at random from the catalog): {chance:.3f}."
+            if chance is not None
+            else ""
+        )
+        + "</p>",
+    ]
+    if metrics:
+        cells = "".join(
+            f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>"
+            for k, v in sorted(metrics.items())
+            if isinstance(v, int | float)
+        )
+        parts.append(
+            "<p>The fusion job's own evaluation (held-out catalog items as references and gallery):</p>"
+            f"<table><tr><th>metric</th><th>value</th></tr>{cells}</table>"
+        )
+    for c in composed:
+        parts.append("<div class='row composed'>")
+        parts.append(_img_tag(c.image, f"query: {c.expected}, {c.colour}"))
+        parts.append(f"+ <q>{html.escape(c.text)}</q> &rarr;")
+        for hit, data, colour in zip(c.hits, c.hit_images, c.hit_colours, strict=False):
+            caption = f"{hit.get('label')} {colour} {hit['score']:.3f}"
+            parts.append(
+                _img_tag(data, caption, hit.get("label") == c.expected and colour == c.wanted_colour)
+            )
+        parts.append("</div>")
+    return parts
+
+
 def write_report(
     path: str | Path,
     results: list[QueryResult],
@@ -127,6 +195,10 @@ def write_report(
     facts: dict[str, Any] | None = None,
     attributes: dict[str, Any] | None = None,
     title: str = "Visuray demo report",
+    composed: list[ComposedResult] | None = None,
+    composed_note: str | None = None,
+    composed_metrics: dict[str, Any] | None = None,
+    composed_chance: float | None = None,
 ) -> Path:
     path = Path(path)
     parts = [
@@ -172,6 +244,8 @@ def write_report(
         if r.attributes:
             parts.append(f"<div><small>attributes: {html.escape(', '.join(r.attributes))}</small></div>")
         parts.append("</div>")
+    if composed:
+        parts.extend(_composed_section(composed, composed_note, composed_metrics, composed_chance))
     parts.append("</body></html>")
     path.write_text("\n".join(parts))
     return path

@@ -10,17 +10,27 @@ which takes, per class, the first ``--per-class`` decodable files of ``train/<cl
 ``--queries-per-class`` of ``test/<class>/`` in sorted file-name order (the names are UUIDs, so sorted
 order is an unbiased but fixed sample), downscales them to ``--max-side`` pixels on the long side and
 re-encodes them as JPEG at ``--quality``.
+
+Beside the images, ``sample_data/clothing_small.csv`` and ``sample_data/clothing_small_queries.csv`` hold
+one row per image (``id``, ``image``, ``class``, ``colour``): ``colour`` is **estimated from the pixels**
+of the bundled image (:func:`visuray.catalog.colours.estimate_colour`), not annotated, so that the demo
+can form "same kind, in <colour>" composed queries. They are rewritten after the images, or on their own
+from the bundled images (no source needed) by::
+
+    python -m visuray.catalog.sample --metadata-only
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 SAMPLE_NAME = "clothing_small"
 QUERY_NAME = "clothing_small_queries"
+METADATA_COLUMNS = ("id", "image", "class", "colour")
 
 # 96 px keeps ~320 images at a few kB each (the whole sample ~1-2 MB) while tests and the demo train at
 # 32-64 px; q=85 is the usual size/quality knee for small JPEGs.
@@ -43,10 +53,17 @@ _PROVENANCE = """\
   the first {queries} of `test/<class>/` (held-out demo queries), in sorted file-name order; each image
   downscaled to at most {max_side} px on its long side (bicubic) and re-encoded as JPEG, quality
   {quality}. File names are kept, so every image can be traced back to the source.
-- How to regenerate (deterministic: same files, same order, same counts):
+- Metadata: `clothing_small.csv` and `clothing_small_queries.csv` have one row per image (`id`, `image`
+  relative to its folder, `class`, `colour`). The `colour` is ESTIMATED FROM THE PIXELS of the bundled
+  image (the dominant colour of the pixels that differ from the border, named from a palette of 11:
+  `visuray.catalog.colours`), not annotated by people; shadows, patterns and coloured backgrounds mislead
+  it. It gives the demo's composed queries ("same but in <colour>") something to ask for.
+- How to regenerate (deterministic: same files, same order, same counts, same colours):
 
       python -m visuray.catalog.sample --source ../shared/data/clothing-small \\
           --per-class {per_class} --queries-per-class {queries} --max-side {max_side} --quality {quality}
+
+  or only the metadata CSVs, from the bundled images: `python -m visuray.catalog.sample --metadata-only`.
 """
 
 
@@ -72,6 +89,43 @@ def bundled_sample_dir() -> Path:
 def bundled_query_dir() -> Path:
     """Held-out demo queries: ``<class>/<file>.jpg``, test-split photos of the same classes."""
     return bundled_path(QUERY_NAME)
+
+
+def metadata_csv_path(name: str, root: str | Path | None = None) -> Path:
+    """The metadata CSV of the bundled folder ``name`` (``<root>/<name>.csv``, beside the folder)."""
+    return Path(root or sample_data_root()) / f"{name}.csv"
+
+
+def write_sample_metadata(root: str | Path | None = None) -> dict[str, int]:
+    """(Re)write ``<name>.csv`` for both bundled folders: id, image, class, colour estimated from pixels.
+
+    Rows are in sorted path order and ids are the image-folder ingest's (``<class>/<stem>``), so a CSV
+    ingest of the sample gives the same items as a folder ingest, plus the ``class`` and ``colour``
+    attributes. Returns the row count per folder.
+    """
+    from visuray.catalog.colours import estimate_colour
+
+    root = Path(root or sample_data_root())
+    counts = {}
+    for name in (SAMPLE_NAME, QUERY_NAME):
+        folder = root / name
+        rows = []
+        for path in sorted(folder.glob("*/*.jpg")):
+            relative = path.relative_to(folder).as_posix()
+            cls = path.parent.name
+            rows.append((f"{cls}/{path.stem}", relative, cls, estimate_colour(path.read_bytes())))
+        with metadata_csv_path(name, root).open("w", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(METADATA_COLUMNS)
+            writer.writerows(rows)
+        counts[name] = len(rows)
+    return counts
+
+
+def read_sample_metadata(name: str, root: str | Path | None = None) -> dict[str, dict[str, str]]:
+    """The rows of a bundled metadata CSV keyed by item id (``<class>/<stem>``)."""
+    with metadata_csv_path(name, root).open(newline="") as f:
+        return {row["id"]: row for row in csv.DictReader(f)}
 
 
 def _copy_resized(files: Sequence[Path], count: int, target: Path, max_side: int, quality: int) -> int:
@@ -109,7 +163,8 @@ def regenerate_sample(
     max_side: int = DEFAULT_MAX_SIDE,
     quality: int = DEFAULT_QUALITY,
 ) -> dict[str, int]:
-    """Rebuild ``out/clothing_small``, ``out/clothing_small_queries``, ``LICENSE`` and ``PROVENANCE.md``."""
+    """Rebuild ``out/clothing_small``, ``out/clothing_small_queries``, their metadata CSVs, ``LICENSE`` and
+    ``PROVENANCE.md``."""
     source, out = Path(source), Path(out)
     train, test = source / "train", source / "test"
     if not train.is_dir() or not test.is_dir():
@@ -126,6 +181,7 @@ def regenerate_sample(
         counts["queries"] += _copy_resized(
             _image_files(test / cls), queries_per_class, query_dir, max_side, quality
         )
+    write_sample_metadata(out)
     shutil.copyfile(source / "LICENSE", out / "LICENSE")
     (out / "PROVENANCE.md").write_text(
         _PROVENANCE.format(
@@ -146,13 +202,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="python -m visuray.catalog.sample",
         description="Regenerate the bundled sample (a resized subset of clothing-small) deterministically.",
     )
-    parser.add_argument("--source", required=True, help="the full clothing-small folder (train/, test/)")
+    parser.add_argument("--source", help="the full clothing-small folder (train/, test/)")
+    parser.add_argument(
+        "--metadata-only",
+        action="store_true",
+        help="only rewrite the metadata CSVs (colours estimated from the bundled images); no --source needed",
+    )
     parser.add_argument("--out", default=str(sample_data_root()), help="sample_data folder to rewrite")
     parser.add_argument("--per-class", type=int, default=DEFAULT_PER_CLASS, help="catalog images per class")
     parser.add_argument("--queries-per-class", type=int, default=DEFAULT_QUERIES_PER_CLASS)
     parser.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, help="long side in pixels")
     parser.add_argument("--quality", type=int, default=DEFAULT_QUALITY, help="JPEG quality")
     args = parser.parse_args(argv)
+    if args.metadata_only:
+        written = write_sample_metadata(args.out)
+        print(", ".join(f"{n} rows in {metadata_csv_path(k, args.out)}" for k, n in written.items()))
+        return
+    if not args.source:
+        parser.error("--source is required (or --metadata-only)")
     counts = regenerate_sample(
         args.source, args.out, args.per_class, args.queries_per_class, args.max_side, args.quality
     )

@@ -108,6 +108,7 @@ def catalog_items(
         if not article_type or not colour or str(colour).lower() in ("nan", "none", ""):
             continue
         colour = str(colour)
+        title = title if isinstance(title, str) else ""  # a missing title reads back as None or NaN
         items.append(
             CatalogItem(
                 item_id=str(item_id),
