@@ -57,7 +57,6 @@ import os
 import resource
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -232,19 +231,6 @@ def _measured_loop(config: dict[str, Any], out_dir: str) -> dict[str, Any]:
     return summary
 
 
-@contextmanager
-def loop_replaced(loop: Callable[[dict[str, Any]], Any]) -> Iterator[None]:
-    """Point ``build_trainer`` at ``loop`` (it looks the loop up in its module when called)."""
-    import visuray.train.pretrain as pretrain
-
-    original = pretrain.train_loop_per_worker
-    pretrain.train_loop_per_worker = loop
-    try:
-        yield
-    finally:
-        pretrain.train_loop_per_worker = original
-
-
 def run_stage(config: str, catalog: str, overrides: list[str], stage: int, workers: int, steps: int,
               work: Path) -> list[dict[str, Any]]:  # fmt: skip
     from visuray.config import load_config
@@ -268,6 +254,8 @@ def run_stage(config: str, catalog: str, overrides: list[str], stage: int, worke
             f"train.checkpoint_every={steps}",
         ],
     )
+    from pretrain_throughput import loop_replaced  # a sibling script: benchmarks/ is on sys.path
+
     with loop_replaced(measured_loop(str(out_dir))):
         trainer = build_trainer(cfg)
     trainer.fit()
