@@ -45,7 +45,8 @@ class RayHead:
 def _stop_process_tree(proc: subprocess.Popen[bytes], temp_dir: str) -> None:
     proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(timeout=20)
+        # a short grace: whatever is left is ended below anyway, and each node's wait adds to the suite
+        proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         proc.kill()
     # `ray start --block` does not always take its children with it: end what runs under our temp dir

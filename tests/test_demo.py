@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
 from visuray.catalog.colours import PALETTE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,7 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(DEMO_TIMEOUT_S + 60)]
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "visuray.cli", "demo", "--output", str(out), "--port", str(free_port()),
+        [sys.executable, "-m", "visuray.cli", "demo", "--output", str(out), "--port", "0",
          "--steps", "20"],
         cwd=REPO, capture_output=True, text=True, timeout=DEMO_TIMEOUT_S,
     )  # fmt: skip

@@ -353,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_demo,
     )
     p.add_argument("--output", default="demo-output", help="folder for the artifacts and report.html")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port for the Serve application")
+    p.add_argument(
+        "--port", type=int, default=8000, help="HTTP port for the Serve application (0: any free port)"
+    )
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's budget)")
     add_num_cpus(p)
     return parser

@@ -122,6 +122,16 @@ def _query_images(query_dir: Path) -> list[tuple[str, Path]]:
     return [(p.parent.name, p) for p in sorted(query_dir.glob("*/*.jpg"))]
 
 
+def free_local_port() -> int:
+    """A port nothing listens on now. Picked just before Serve binds it: a port chosen minutes earlier (a
+    caller's, before the training stages) can be taken meanwhile by any of the processes those stages start."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def scaled_steps(finetune_steps: int, fraction: float, minimum: int = 4) -> int:
     """Steps of a secondary stage tied to ``--steps`` (the fine-tuning steps), at least ``minimum``."""
     return max(minimum, round(finetune_steps * fraction))
@@ -308,7 +318,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
             fusion=FusionArgs(model=fusion_uri, index=fusion_index_uri),
         ),
         host="127.0.0.1",
-        port=opts.port,
+        port=opts.port or free_local_port(),
         access_log=False,
     )
     queries = _query_images(bundled_query_dir())
