@@ -157,12 +157,12 @@ def run_baseline(cfg: Any, threads: int, heartbeat_dir: str) -> dict[str, Any]:
     from visuray.images import decode_image
     from visuray.ssl.dino import DINOLoss, update_teacher
     from visuray.ssl.multicrop import MultiCropAugmentation
-    from visuray.ssl.schedules import cosine_schedule, teacher_temperature_schedule
     from visuray.train.pretrain import (
         augmentation_seed,
         build_dino_model,
         build_teacher,
         dino_param_groups,
+        dino_schedules,
         set_step_hyperparameters,
         write_heartbeat,
     )
@@ -175,13 +175,7 @@ def run_baseline(cfg: Any, threads: int, heartbeat_dir: str) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(dino_param_groups(student, tc.weight_decay), lr=tc.lr)
     loss_fn = DINOLoss(mc.out_dim, 2 + cfg.crops.num_local, tc.student_temp, tc.center_momentum)
     batch = tc.batch_size_per_worker
-    peak_lr = tc.lr * batch / 256
-    lr_schedule = cosine_schedule(peak_lr, tc.min_lr, tc.steps, tc.warmup_steps)
-    wd_schedule = cosine_schedule(tc.weight_decay, tc.weight_decay_end, tc.steps)
-    momentum_schedule = cosine_schedule(tc.momentum_teacher, 1.0, tc.steps)
-    temp_schedule = teacher_temperature_schedule(
-        tc.warmup_teacher_temp, tc.teacher_temp, tc.warmup_teacher_temp_steps, tc.steps
-    )
+    lr_schedule, wd_schedule, momentum_schedule, temp_schedule = dino_schedules(tc, world_size=1)
     augment = MultiCropAugmentation(
         mc.backbone.img_size,
         cfg.crops.local_size,

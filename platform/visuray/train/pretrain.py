@@ -294,6 +294,22 @@ def dino_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, A
     ]
 
 
+def dino_schedules(tc: PretrainTrainSection, world_size: int) -> tuple[Any, Any, Any, Any]:
+    """Per-step learning rate (peak ``lr`` x global batch / 256, as DINO scales it; warm-up, then cosine),
+    weight decay, teacher momentum and teacher temperature, indexed by step."""
+    from visuray.ssl.schedules import cosine_schedule, teacher_temperature_schedule
+
+    peak_lr = tc.lr * tc.batch_size_per_worker * world_size / 256
+    return (
+        cosine_schedule(peak_lr, tc.min_lr, tc.steps, tc.warmup_steps),
+        cosine_schedule(tc.weight_decay, tc.weight_decay_end, tc.steps),
+        cosine_schedule(tc.momentum_teacher, 1.0, tc.steps),
+        teacher_temperature_schedule(
+            tc.warmup_teacher_temp, tc.teacher_temp, tc.warmup_teacher_temp_steps, tc.steps
+        ),
+    )
+
+
 def set_step_hyperparameters(
     param_groups: list[dict[str, Any]], lr: float, weight_decay: float, freeze_last_layer: bool
 ) -> None:
@@ -411,7 +427,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from visuray.observability import ScalarLog
     from visuray.ssl.dino import DINOLoss, update_teacher
     from visuray.ssl.multicrop import MultiCropAugmentation
-    from visuray.ssl.schedules import cosine_schedule, teacher_temperature_schedule
     from visuray.train.common import mean_across_ranks
     from visuray.train.deepspeed_engine import (
         build_engine,
@@ -450,13 +465,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     # ---------------- schedules (per step, precomputed) ----------------
     global_batch = tc.batch_size_per_worker * world_size
-    peak_lr = tc.lr * global_batch / 256
-    lr_schedule = cosine_schedule(peak_lr, tc.min_lr, tc.steps, tc.warmup_steps)
-    wd_schedule = cosine_schedule(tc.weight_decay, tc.weight_decay_end, tc.steps)
-    momentum_schedule = cosine_schedule(tc.momentum_teacher, 1.0, tc.steps)
-    temp_schedule = teacher_temperature_schedule(
-        tc.warmup_teacher_temp, tc.teacher_temp, tc.warmup_teacher_temp_steps, tc.steps
-    )
+    lr_schedule, wd_schedule, momentum_schedule, temp_schedule = dino_schedules(tc, world_size)
 
     validation = None
     if cfg.validation.catalog is not None:
