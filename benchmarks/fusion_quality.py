@@ -73,6 +73,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device of every model (cpu, cuda); the image cache stays on the host",
+    )
     return parser.parse_args()
 
 
@@ -192,7 +197,7 @@ def main() -> None:
         cfg = config_for(args, args.catalog, fusion, max(depth, 1), override)
         cfg.model.text.vocab_size = tokenizer.vocab_size
         torch.manual_seed(args.seed)
-        objective = build_objective(cfg)
+        objective = build_objective(cfg).to(args.device)
         optimizer = optimizer_for(objective, cfg.train)
         losses: list[float] = []
         t0 = time.monotonic()
@@ -204,7 +209,7 @@ def main() -> None:
             tokenizer,
             cfg.train,
             0,
-            "cpu",
+            args.device,
             lambda step, loss, lr, losses=losses: losses.append(float(loss)),
         )
         train_s = time.monotonic() - t0

@@ -24,10 +24,12 @@ Protocol
   every setting (Flat included) once, interleaved; the median per setting is reported, and the speed-up
   is that median against the median exact QPS. Each ANN index is timed right after its build, against
   Flat again (IVF-PQ first, then HNSW), and the results are written before the next build. Settings with a speed-up >= 10 are marked.
+  ``--indexes hnsw`` (or ``ivf``) runs one phase only (Flat always runs), written to a file of its own.
 - Run under ``flock /tmp/visuray-timing.lock`` on the shared machine; the load average is printed.
 
 Run:  flock /tmp/visuray-timing.lock .venv/bin/python benchmarks/index_ann.py --n 1000000 --dim 128 \
           --threads 2 --out runs/benchmarks/index_ann
+      (HNSW only: add ``--indexes hnsw``)
 """
 
 from __future__ import annotations
@@ -104,6 +106,13 @@ def main() -> None:
     parser.add_argument("--nprobe", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128])
     parser.add_argument("--hnsw", default="HNSW32", help="HNSW factory string")
     parser.add_argument("--ef-search", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    parser.add_argument(
+        "--indexes",
+        choices=["ivf", "hnsw"],
+        nargs="+",
+        default=["ivf", "hnsw"],
+        help="which ANN phases to run (Flat always runs: it is the ground truth and the QPS reference)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/index_ann"))
     args = parser.parse_args()
 
@@ -119,7 +128,7 @@ def main() -> None:
     )
 
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"results_{args.spectrum}_n{args.n}.json"
+    path = args.out / results_name(args.spectrum, args.n, args.indexes)
     result: dict[str, Any] = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "builds": {},
@@ -131,11 +140,11 @@ def main() -> None:
 
     # One phase per ANN index: build it, then time it against Flat in interleaved rounds, and write the
     # results before the next (slow) build, so that a run cut short still reports what it measured.
-    phases = [
-        (args.ivf, "nprobe", args.nprobe),
-        (args.hnsw, "efSearch", args.ef_search),
-    ]
-    for factory, param, values in phases:
+    phases = {
+        "ivf": (args.ivf, "nprobe", args.nprobe),
+        "hnsw": (args.hnsw, "efSearch", args.ef_search),
+    }
+    for factory, param, values in (phases[name] for name in phases if name in args.indexes):
         indexes[factory] = build(base, factory, result)
         # (label, index name, parameter name, value): every setting searched with the same query batch.
         settings = [("Flat (exact)", "Flat", "", 0)]
@@ -144,6 +153,12 @@ def main() -> None:
         path.write_text(json.dumps(result, indent=2))
         print(f"wrote {path}", flush=True)
         del indexes[factory]  # frees its memory before the next build
+
+
+def results_name(spectrum: str, n: int, indexes: list[str]) -> str:
+    """The results file; a run of a subset of the phases gets its own, so it never overwrites a full run's."""
+    subset = "" if {"ivf", "hnsw"} <= set(indexes) else "_" + "-".join(sorted(set(indexes)))
+    return f"results_{spectrum}_n{n}{subset}.json"
 
 
 def build(base: np.ndarray, factory: str, result: dict[str, Any]) -> Any:

@@ -63,6 +63,7 @@ Run (timing: hold the shared lock; the second line repeats it at ZeRO-0):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -169,11 +170,17 @@ def run_baseline(cfg: Any, threads: int, heartbeat_dir: str) -> dict[str, Any]:
 
     torch.set_num_threads(threads)
     tc, mc = cfg.train, cfg.model
+    # The job's device and precision: a GPU when the config asks for one, and then bf16 as the job's
+    # DeepSpeed engine runs it ("auto" means bf16 on GPU); the plain loop gets it through autocast.
+    device = torch.device("cuda" if cfg.scaling.use_gpu else "cpu")
+    precision = cfg.deepspeed.precision
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     torch.manual_seed(tc.seed)
-    student = build_dino_model(mc)
-    teacher = build_teacher(student, mc)
+    student = build_dino_model(mc).to(device)
+    teacher = build_teacher(student, mc).to(device)
     optimizer = torch.optim.AdamW(dino_param_groups(student, tc.weight_decay), lr=tc.lr)
-    loss_fn = DINOLoss(mc.out_dim, 2 + cfg.crops.num_local, tc.student_temp, tc.center_momentum)
+    loss_fn = DINOLoss(mc.out_dim, 2 + cfg.crops.num_local, tc.student_temp, tc.center_momentum).to(device)
     batch = tc.batch_size_per_worker
     lr_schedule, wd_schedule, momentum_schedule, temp_schedule = dino_schedules(tc, world_size=1)
     augment = MultiCropAugmentation(
@@ -195,24 +202,25 @@ def run_baseline(cfg: Any, threads: int, heartbeat_dir: str) -> dict[str, Any]:
     source = clock.timed_iter("data", batches())
     decode = clock.timed("decode", decode_image)
     crop = clock.timed("crop", augment.batch)
-    loss_sum = torch.zeros(())
+    loss_sum = torch.zeros((), device=device)
     student.train()
     for step in range(tc.steps):
         images = [decode(data) for data in next(source)]
         torch.manual_seed(augmentation_seed(tc.seed, 0, step))
-        crops = crop(images)
+        crops = [c.to(device, non_blocking=True) for c in crop(images)]
         set_step_hyperparameters(
             optimizer.param_groups,
             float(lr_schedule[step]),
             float(wd_schedule[step]),
             step < tc.freeze_last_layer_steps,
         )
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             teacher_out = teacher(crops[:2])
         start = time.perf_counter()
-        student_out = student(crops)
+        with autocast:
+            student_out = student(crops)
         clock.totals["forward"] += time.perf_counter() - start
-        loss = loss_fn(student_out, teacher_out, float(temp_schedule[step]))
+        loss = loss_fn(student_out.float(), teacher_out.float(), float(temp_schedule[step]))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"DINO loss is {loss.item()} at step {step}")
         start = time.perf_counter()
@@ -346,7 +354,7 @@ def main() -> None:
     parser.add_argument("--baseline-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--heartbeat-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    overrides = [*(DEFAULT_SET if args.set is None else args.set)]
+    overrides = [*DEFAULT_SET, *(args.set or [])]  # later keys win: --set can change the batch too
 
     if args.baseline_child:  # the baseline arm, in its own process
         cfg = load_pretrain_config(args.config, args.catalog, overrides)

@@ -137,11 +137,12 @@ def prepare(
 
 
 # ----------------------------------------------------------------------------------- baseline server
-def baseline_app(model_uri: str, index_uri: str, threads: int, mode: str) -> Any:
+def baseline_app(model_uri: str, index_uri: str, threads: int, mode: str, device: str = "cpu") -> Any:
     """The plain FastAPI app: one process, the same loaders, parser, decoding, embedding and search.
 
     ``mode`` ``inline`` runs each request's work on the event loop (requests one at a time, no thread
     hops); ``threadpool`` runs it in a worker thread (requests overlap: torch and FAISS release the GIL).
+    ``device`` is where the model runs (``cuda`` beside a Serve embedder given a GPU); FAISS stays on the CPU.
     """
     import faiss
     import numpy as np
@@ -159,7 +160,7 @@ def baseline_app(model_uri: str, index_uri: str, threads: int, mode: str) -> Any
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(1)  # one query at a time: FAISS threads would only add overhead
     defaults = ServeAppArgs(model=model_uri, index=index_uri)  # the same limits as the Serve app
-    ensemble = EmbeddingEnsemble.load(ensemble_spec(model_uri, None, "baseline"))
+    ensemble = EmbeddingEnsemble.load(ensemble_spec(model_uri, None, "baseline"), device=device)
     index = SearchIndex.load(index_uri)
     check_index_matches_model(
         {"model_version": index.model_version, "dim": index.dim},
@@ -212,10 +213,12 @@ def baseline_app(model_uri: str, index_uri: str, threads: int, mode: str) -> Any
     return app
 
 
-def serve_baseline(model_uri: str, index_uri: str, port: int, threads: int, mode: str) -> None:
+def serve_baseline(
+    model_uri: str, index_uri: str, port: int, threads: int, mode: str, device: str = "cpu"
+) -> None:
     import uvicorn
 
-    app = baseline_app(model_uri, index_uri, threads, mode)
+    app = baseline_app(model_uri, index_uri, threads, mode, device)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
@@ -389,16 +392,17 @@ def serve_args(prepared: dict[str, Any], opts: argparse.Namespace, embed_batch: 
     args.update(
         model=prepared["model"],
         index=prepared["index"],
-        catalog=None,
+        catalog=opts.catalog,  # None: the catalog the index was built from (its manifest's URI)
         fusion=None,  # not on the /v1/search path: left out so they hold no CPU or memory
         attributes=None,
         embed_batch={**args["embed_batch"], "max_batch_size": embed_batch},
         embedder={
             "num_replicas": opts.embed_replicas,
             "num_cpus": opts.embed_cpus,
+            "num_gpus": opts.embed_gpus,
             "max_ongoing_requests": max(embed_batch, opts.embed_ongoing),
         },
-        search={"num_replicas": 1, "num_cpus": 0.5, "max_ongoing_requests": 64},
+        search={"num_replicas": opts.search_replicas, "num_cpus": 0.5, "max_ongoing_requests": 64},
         router={"num_replicas": opts.router_replicas, "num_cpus": 0.25, "max_ongoing_requests": 64},
     )
     return validate_config(ServeAppArgs, args)
@@ -471,14 +475,15 @@ def compare(opts: argparse.Namespace) -> dict[str, Any]:
         opts.out.write_text(json.dumps(out, indent=1))
 
     baselines: dict[str, tuple[subprocess.Popen, str]] = {}
-    for spec in opts.baselines:  # e.g. "inline:2", "threadpool:1"
-        mode, threads = spec.split(":")
+    for spec in opts.baselines:  # e.g. "inline:2", "threadpool:1", "threadpool:1:cuda"
+        mode, threads, device = (spec.split(":") + ["cpu"])[:3]
         port = _free_port()
         command = [
             sys.executable, __file__, "baseline-server", "--model", prepared["model"], "--index",
-            prepared["index"], "--port", str(port), "--threads", threads, "--mode", mode,
+            prepared["index"], "--port", str(port), "--threads", threads, "--mode", mode, "--device", device,
         ]  # fmt: skip
-        baselines[f"plain-{mode}-t{threads}"] = (subprocess.Popen(command), f"http://127.0.0.1:{port}")
+        name = f"plain-{mode}-t{threads}" + ("" if device == "cpu" else f"-{device}")
+        baselines[name] = (subprocess.Popen(command), f"http://127.0.0.1:{port}")
 
     def give_up() -> None:  # a start that hangs (seen under a load average of 50+) ends the run: rerun it
         print(f"the cluster, Serve or a baseline did not start in {opts.start_timeout}s: exit 3", flush=True)
@@ -528,10 +533,16 @@ def compare(opts: argparse.Namespace) -> dict[str, Any]:
             "embedder": {
                 "replicas": opts.embed_replicas,
                 "num_cpus": opts.embed_cpus,
+                "num_gpus": opts.embed_gpus,
                 "torch_threads": max(1, int(opts.embed_cpus)),
                 "max_batch_size": opts.embed_batch,
             },
-            "search": {"replicas": 1, "num_cpus": 0.5, "faiss_threads": 1, "max_batch_size": 32},
+            "search": {
+                "replicas": opts.search_replicas,
+                "num_cpus": 0.5,
+                "faiss_threads": 1,
+                "max_batch_size": 32,
+            },
             "ray_logical_cpus": opts.ray_cpus,
         }
 
@@ -664,11 +675,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     c.add_argument("--window", type=float, default=15.0, help="seconds counted per measurement")
     c.add_argument("--overhead-window", type=float, default=6.0)
     c.add_argument(
-        "--baselines", nargs="+", default=["inline:2", "threadpool:1"], help="plain apps, MODE:TORCH_THREADS"
+        "--baselines",
+        nargs="+",
+        default=["inline:2", "threadpool:1"],
+        help="plain apps, MODE:TORCH_THREADS[:DEVICE]",
     )
     c.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the embedded cluster")
     c.add_argument("--router-replicas", type=int, default=1)
     c.add_argument("--embed-replicas", type=int, default=1)
+    c.add_argument(
+        "--embed-gpus", type=float, default=0.0, help="num_gpus per embedder replica (cuda if > 0)"
+    )
+    c.add_argument("--search-replicas", type=int, default=1)
+    c.add_argument(
+        "--catalog",
+        default=None,
+        help="catalog for /v1/items; default: the one the index names, an absolute path on the machine "
+        "that ran prepare (give a copy here when the artifacts moved to another machine)",
+    )
     c.add_argument(
         "--embed-cpus", type=float, default=2.0, help="num_cpus per embedder replica = torch threads"
     )
@@ -685,6 +709,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     b.add_argument("--port", type=int, required=True)
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--mode", choices=["inline", "threadpool"], default="inline")
+    b.add_argument("--device", default="cpu", help="where the model runs: cpu or cuda")
 
     g = sub.add_parser("load", help="closed-loop load against a running app")
     g.add_argument("--url", default="http://127.0.0.1:8000")
@@ -701,7 +726,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif opts.command == "compare":
         compare(opts)
     elif opts.command == "baseline-server":
-        serve_baseline(opts.model, opts.index, opts.port, opts.threads, opts.mode)
+        serve_baseline(opts.model, opts.index, opts.port, opts.threads, opts.mode, opts.device)
     else:
         r = run_load(opts.url, opts.route, opts.queries, opts.concurrency, opts.warmup, opts.window)
         print(json.dumps(r) if opts.json else _line(opts.url, r))

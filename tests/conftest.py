@@ -40,7 +40,10 @@ def _wait_for_port(port: int, timeout: float = 30.0) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """GPU tests skip cleanly on machines without CUDA."""
+    """GPU tests skip cleanly on machines without CUDA; the tests on the shared ``ray start`` head run last."""
+    # The head lives from the first test that asks for it to the end of the session: run those tests one
+    # after another at the end (in their usual order), so that it does not idle through the rest of the suite.
+    items.sort(key=lambda item: "ray_head" in getattr(item, "fixturenames", ()))
     try:
         import torch
 
@@ -78,6 +81,31 @@ def ray_cluster() -> Iterator[object]:
     except Exception:
         pass
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def killed_pretraining(ray_cluster: object, tmp_path_factory: pytest.TempPathFactory) -> object:
+    """One DINO pretraining run whose worker is SIGKILLed three times, shared by two tests: the fault
+    tolerance test checks its restarts, the pretraining test the model it published and resuming it by
+    name. Each run costs a minute of start-ups (controller, workers, DeepSpeed, Ray Data) on 2 cores."""
+    from tests.test_fault_tolerance import run_killed_thrice
+
+    return run_killed_thrice(tmp_path_factory.mktemp("killed-pretraining"))
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[object]:
+    """One real ``ray start --head`` (token authentication on) for the tests that submit to a cluster or join
+    nodes to one (:mod:`tests.ray_head`); started by the first test that asks for it.
+
+    Three CPUs and one ``train_slot`` (a custom resource that places one Train worker per node): what the
+    multi-node test needs; the submission tests need less.
+    """
+    from tests.ray_head import start_head
+
+    head = start_head(num_cpus=3, resources={"train_slot": 1})
+    yield head
+    head.stop()
 
 
 @pytest.fixture(scope="session")

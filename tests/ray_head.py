@@ -1,8 +1,8 @@
 """A real Ray head started with ``ray start --head`` on loopback, with token authentication on.
 
-Used by the submission tests (and, later, multi-node tests). The head gets its own temp dir so that its
-processes can be found and ended without touching the test session's embedded cluster (``ray stop``
-would stop every Ray process on the machine).
+One head serves the submission and the multi-node tests (the session fixture ``ray_head`` in conftest.py).
+The head gets its own temp dir so that its processes can be found and ended without touching the test
+session's embedded cluster (``ray stop`` would stop every Ray process on the machine).
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ loads (labels, thresholds, report, ROC figure), and resumes from its checkpoint.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -89,11 +91,25 @@ def test_the_shipped_configs_validate() -> None:
         ]  # fmt: skip
 
 
-def test_train_attributes_learns_and_exports_a_loadable_model(ray_cluster: object, tmp_path: Path) -> None:
-    write_attribute_catalog(str(tmp_path / "catalog"))
-    cfg = job_config(tmp_path)
-    summary = run_train_attributes(cfg)
+@dataclass
+class TrainedRun:
+    root: Path
+    cfg: AttributeTrainConfig
+    summary: dict[str, Any]
 
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster: object, tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
+    """One 10-step run for the module: the first test checks it and its model, the second resumes it (a run
+    costs half a minute of start-ups on 2 cores)."""
+    root = tmp_path_factory.mktemp("attributes")
+    write_attribute_catalog(str(root / "catalog"))
+    cfg = job_config(root)
+    return TrainedRun(root, cfg, run_train_attributes(cfg))
+
+
+def test_train_attributes_learns_and_exports_a_loadable_model(trained: TrainedRun) -> None:
+    cfg, summary = trained.cfg, trained.summary
     assert summary["steps"] == 10 and summary["start_step"] == 0
     losses = [h["train/loss"] for h in summary["history"]]
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
@@ -134,15 +150,14 @@ def test_train_attributes_learns_and_exports_a_loadable_model(ray_cluster: objec
 
 
 @pytest.mark.slow
-def test_train_attributes_resumes_from_the_latest_checkpoint(ray_cluster: object, tmp_path: Path) -> None:
-    write_attribute_catalog(str(tmp_path / "catalog"))
-    first = run_train_attributes(
-        job_config(tmp_path, "name=resume", "train.steps=6", "train.checkpoint_every=3")
-    )
-    assert first["start_step"] == 0 and first["steps"] == 6
+def test_train_attributes_resumes_from_the_latest_checkpoint(trained: TrainedRun) -> None:
+    first = trained.summary
+    assert first["start_step"] == 0 and first["steps"] == 10
+    # The same name and run_dir with more steps continue the run from its last checkpoint (step 10); the
+    # model goes elsewhere, so the first test's checks of the first model hold whichever test runs first.
     second = run_train_attributes(
-        job_config(tmp_path, "name=resume", "train.steps=9", "train.checkpoint_every=3")
+        job_config(trained.root, "train.steps=13", f"output={trained.root / 'resumed'}")
     )
-    assert second["start_step"] == 6 and second["steps"] == 9
-    assert [h["step"] for h in second["history"]] == [7, 8, 9]
+    assert second["start_step"] == 10 and second["steps"] == 13
+    assert [h["step"] for h in second["history"]] == [11, 12, 13]
     assert second["model_version"] != first["model_version"]

@@ -99,6 +99,9 @@ class WorkerKiller:
             time.sleep(0.01)
 
 
+KILLED_RUN = "killed-thrice"  # the run name pretrain_with_kills gives its runs
+
+
 def pretrain_with_kills(tmp_path: Path, kills: int, steps: int, every: int) -> tuple[dict, WorkerKiller]:
     from tests.test_finetune import write_colour_catalog
     from tests.test_pretrain import pretrain_config
@@ -108,7 +111,7 @@ def pretrain_with_kills(tmp_path: Path, kills: int, steps: int, every: int) -> t
     write_colour_catalog(str(tmp_path / "catalog"), per_class=6)
     cfg = pretrain_config(
         tmp_path,
-        "name=killed-thrice",
+        f"name={KILLED_RUN}",
         f"train.steps={steps}",
         f"train.checkpoint_every={every}",
         f"train.log_every={every}",
@@ -116,7 +119,7 @@ def pretrain_with_kills(tmp_path: Path, kills: int, steps: int, every: int) -> t
         f"scaling.max_failures={kills}",
     )
     killer = WorkerKiller(
-        tmp_path / "heartbeats" / "rank-0.json", tmp_path / "runs" / "killed-thrice", kills, steps, every
+        tmp_path / "heartbeats" / "rank-0.json", tmp_path / "runs" / KILLED_RUN, kills, steps, every
     )
     watcher = threading.Thread(target=killer.run, daemon=True)
     watcher.start()
@@ -128,11 +131,30 @@ def pretrain_with_kills(tmp_path: Path, kills: int, steps: int, every: int) -> t
     return result, killer
 
 
+@dataclass
+class KilledRun:
+    """A finished :func:`pretrain_with_kills` run: its folder (catalog, runs, model), summary and killer."""
+
+    root: Path
+    result: dict[str, Any]
+    killer: WorkerKiller
+    steps: int
+    every: int
+
+
+def run_killed_thrice(root: Path) -> KilledRun:
+    """12 steps, a checkpoint every 2, the worker SIGKILLed three times (see the ``killed_pretraining``
+    fixture in conftest.py, which runs it once for this module and tests/test_pretrain.py)."""
+    steps, every = 12, 2
+    result, killer = pretrain_with_kills(root, kills=3, steps=steps, every=every)
+    return KilledRun(root, result, killer, steps, every)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_pretraining_survives_three_killed_workers(ray_cluster, tmp_path: Path) -> None:
-    steps, every = 12, 2
-    result, killer = pretrain_with_kills(tmp_path, kills=3, steps=steps, every=every)
+def test_pretraining_survives_three_killed_workers(killed_pretraining: KilledRun) -> None:
+    run = killed_pretraining
+    result, killer, steps, every = run.result, run.killer, run.steps, run.every
     assert len(killer.killed) == 3, f"only {len(killer.killed)} kills happened: {killer.killed}"
     assert result["steps"] == steps
     starts = list(killer.starts.values())  # in order of appearance: first run, then one per restart
@@ -144,7 +166,7 @@ def test_pretraining_survives_three_killed_workers(ray_cluster, tmp_path: Path) 
         # ... so at most one checkpoint interval of work was lost
         assert 0 <= kill["step"] - restart["start_step"] <= every, (kill, restart)
     assert result["start_step"] == starts[-1]["start_step"]
-    assert (tmp_path / "model" / "LATEST").exists()
+    assert (run.root / "model" / "LATEST").exists()
 
     # TensorBoard: rank 0 of every attempt appended scalars to the same run folder
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -11,11 +11,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.ray_head import start_head, start_worker_node
+from tests.ray_head import RayHead, start_worker_node
 from tests.test_finetune import write_colour_catalog
 
 pytestmark = [pytest.mark.slow]
@@ -24,17 +25,12 @@ STEPS, CHECKPOINT_EVERY = 12, 3
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    # Each node offers one `train_slot`; each worker asks for one, so the two workers land on two nodes.
-    head = start_head(num_cpus=3, resources={"train_slot": 1})
-    try:
-        node = start_worker_node(head, num_cpus=1, resources={"node_b": 1, "train_slot": 1})
-    except Exception:
-        head.stop()
-        raise
-    yield head
+def cluster(ray_head: RayHead) -> Iterator[RayHead]:
+    # The session's head and a second node joined to it for this module. Each node offers one `train_slot`;
+    # each worker asks for one, so the two workers land on two nodes.
+    node = start_worker_node(ray_head, num_cpus=1, resources={"node_b": 1, "train_slot": 1})
+    yield ray_head
     node.stop()
-    head.stop()
 
 
 def read_heartbeats(directory: Path) -> dict[int, dict]:

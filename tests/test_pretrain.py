@@ -10,7 +10,7 @@ import pytest
 import ray.cloudpickle
 import torch
 
-from tests.test_finetune import write_colour_catalog
+from tests.test_fault_tolerance import KILLED_RUN
 from visuray.checkpoint import load_backbone_weights, load_embedding_model
 from visuray.config import validate_config
 from visuray.evaluation.ssl_eval import SSLEvalOptions, evaluate_ssl_on_catalog
@@ -131,19 +131,23 @@ def pretrain_config(tmp_path: Path, *overrides: str) -> PretrainConfig:
     return validate_config(PretrainConfig, data, "<test>", list(overrides))
 
 
-def test_pretrain_publishes_teacher_backbone_and_resumes_by_name(ray_cluster, tmp_path):
-    write_colour_catalog(str(tmp_path / "catalog"), per_class=6)
-    first = run_pretrain(pretrain_config(tmp_path))
-    assert first["steps"] == 4 and first["start_step"] == 0
-    assert [h["step"] for h in first["history"]] == [1, 2, 3, 4]
+@pytest.mark.slow
+def test_pretrain_publishes_teacher_backbone_and_resumes_by_name(ray_cluster, killed_pretraining):
+    """On the run of tests/test_fault_tolerance.py (its worker killed three times, see conftest.py): the
+    model it published, then the run continued by name."""
+    run = killed_pretraining
+    root, first, steps, every = run.root, run.result, run.steps, run.every
+    assert first["steps"] == steps
+    # the last attempt's history: every report (one per checkpoint) from its start step to the end
+    assert [h["step"] for h in first["history"]] == list(range(first["start_step"] + every, steps + 1, every))
 
     # the artifact is an embedding model whose embedding is the normalised teacher backbone feature
-    model, artifact = load_embedding_model(str(tmp_path / "model"))
+    model, artifact = load_embedding_model(str(root / "model"))
     meta = artifact.manifest.metadata
-    assert meta["trained_by"] == "pretrain" and meta["train_steps"] == 4 and meta["embedding_dim"] == 192
+    assert meta["trained_by"] == "pretrain" and meta["train_steps"] == steps and meta["embedding_dim"] == 192
     teacher = load_teacher_tensors(first["checkpoint"])
-    backbone = create_backbone(pretrain_config(tmp_path).model.backbone)
-    load_backbone_weights(backbone, str(tmp_path / "model"))
+    backbone = create_backbone(pretrain_config(root).model.backbone)
+    load_backbone_weights(backbone, str(root / "model"))
     for name, value in backbone.state_dict().items():
         torch.testing.assert_close(value, teacher[f"backbone.{name}"])
     images = torch.randn(3, 3, 32, 32)
@@ -152,18 +156,20 @@ def test_pretrain_publishes_teacher_backbone_and_resumes_by_name(ray_cluster, tm
         torch.testing.assert_close(model(images), torch.nn.functional.normalize(features, dim=-1))
 
     # the same name and run_dir continue the run from its last checkpoint, here with validation on
-    validation = [f"validation.catalog={tmp_path / 'catalog'}", "validation.every=1", "validation.ks=[1,3]"]
-    second = run_pretrain(pretrain_config(tmp_path, "train.steps=6", *validation))
-    assert second["start_step"] == 4 and second["steps"] == 6
-    assert [h["step"] for h in second["history"]] == [5, 6]
+    validation = [f"validation.catalog={root / 'catalog'}", "validation.every=1", "validation.ks=[1,3]"]
+    second = run_pretrain(
+        pretrain_config(root, f"name={KILLED_RUN}", f"train.steps={steps + 2}", *validation)
+    )
+    assert second["start_step"] == steps and second["steps"] == steps + 2
+    assert [h["step"] for h in second["history"]] == [steps + 1, steps + 2]
     assert all({"val/recall@1", "val/recall@3", "val/map@r"} <= set(h) for h in second["history"])
     # validation embeds exactly as the published model does (the teacher's normalised pooled features)
     from visuray.catalog.readers import CatalogRows
     from visuray.evaluation.retrieval import retrieval_metrics
     from visuray.images import to_model_input
 
-    rows = CatalogRows(str(tmp_path / "catalog"))
-    final, _ = load_embedding_model(str(tmp_path / "model"))
+    rows = CatalogRows(str(root / "catalog"))
+    final, _ = load_embedding_model(str(root / "model"))
     with torch.no_grad():
         vectors = final(to_model_input([rows.image(i) for i in range(len(rows))], 32)).numpy()
     expected = retrieval_metrics(vectors, rows.labels, ks=(1, 3))
@@ -171,8 +177,8 @@ def test_pretrain_publishes_teacher_backbone_and_resumes_by_name(ray_cluster, tm
     assert second["history"][-1]["val/recall@1"] == pytest.approx(expected["recall@1"], abs=1e-6)
 
     metrics = evaluate_ssl_on_catalog(
-        str(tmp_path / "model"),
-        str(tmp_path / "catalog"),
+        str(root / "model"),
+        str(root / "catalog"),
         ("knn", "fewshot", "zeroshot"),
         SSLEvalOptions(k=5, holdout_fraction=1.0, n_way=2, shots=(1,), n_query=2, episodes=20),
     )

@@ -43,6 +43,7 @@ MAX_IMAGE_BYTES = 64 * 1024  # small limits so that the tests can exceed them ch
 MAX_IMAGE_PIXELS = 500_000
 MAX_K = 20
 MAX_TEXT = 200
+MODELS_CACHE_TTL_S = 600
 ATTRIBUTE_LABELS = ["red", "blue", "green"]
 ATTRIBUTE_THRESHOLDS = [0.0, 0.5, 1.01]  # always, decided by the score, never
 TEXTS = ["in red", "in blue", "with short sleeves", "same but darker", "longer and red"]
@@ -185,6 +186,8 @@ def served_app_args(tmp: Path, **replace: Any) -> ServeAppArgs:
             fusion={"model": str(tmp / "fusion"), "index": str(tmp / "fusion-index"), "deployment": small},
             attributes={"model": str(tmp / "attributes"), "deployment": small},
             index_reload_interval_s=0.5,
+            # Longer than any test takes: an index swap must show in /v1/models by invalidation, not expiry.
+            models_cache_ttl_s=MODELS_CACHE_TTL_S,
             max_image_bytes=MAX_IMAGE_BYTES,
             max_image_pixels=MAX_IMAGE_PIXELS,
             max_k=MAX_K,
@@ -651,7 +654,8 @@ def _deployments_of(application: Any) -> list[Any]:
 # ------------------------------------------------------------------------------------- hot swap
 def test_index_hot_swap_under_concurrent_requests_drops_nothing(served: Served) -> None:
     """Publish a new index version while 4 clients query continuously: every answer is 2xx, answers
-    switch to the new version, and latency is recorded (printed with -s)."""
+    switch to the new version, /v1/models (cached by the router) follows, and latency is recorded
+    (printed with -s)."""
     record = served.records["item-8"]
     stop = threading.Event()
     results: list[tuple[int, str | None, float]] = []
@@ -671,6 +675,10 @@ def test_index_hot_swap_under_concurrent_requests_drops_nothing(served: Served) 
         t.start()
     try:
         time.sleep(2)
+        # Fills the router's /v1/models cache with the old version, kept far longer than this test runs.
+        assert served.args.models_cache_ttl_s == MODELS_CACHE_TTL_S
+        models = httpx.get(f"{served.url}/v1/models", timeout=30).json()
+        assert models["index"]["version"] == served.index_version
         # The new version: the same vectors in an HNSW index (a different file, the same neighbours).
         embedder = EmbeddingEnsemble.load(served.ensemble)
         records = list(served.records.values())
@@ -702,4 +710,8 @@ def test_index_hot_swap_under_concurrent_requests_drops_nothing(served: Served) 
     )
     assert len(results) >= 20 and all(200 <= s < 300 for s in statuses), [s for s in statuses if s >= 300][:5]
     assert served.index_version in versions and versions[-1] == new.manifest.version
-    assert httpx.get(f"{served.url}/v1/models", timeout=30).json()["index"]["version"] == new.manifest.version
+    # Search answers from the new version made the router drop its cached answer: no expiry needed.
+    models = httpx.get(f"{served.url}/v1/models", timeout=30).json()
+    assert models["index"]["version"] == new.manifest.version
+    assert models["model"]["version"] == served.model_version
+    assert models["fusion"]["index"]["model_version"] == served.fusion_version

@@ -9,17 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.ray_head import RayHead, start_head
+from tests.ray_head import RayHead
 
 pytestmark = [pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def head():
-    head = start_head()
-    yield head
-    head.stop()
+@pytest.fixture()
+def head(ray_head: RayHead) -> RayHead:
+    """The session's ``ray start`` head (see ``ray_head`` in conftest.py)."""
+    return ray_head
 
 
 def visuray(head: RayHead, *args: str, token: str | None = None, timeout: float = 300):

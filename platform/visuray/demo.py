@@ -17,7 +17,8 @@ application on loopback, and HTTP requests with real image uploads. Stages (each
    random init, DINO pretrained, fine-tuned).
 
 The default budget (tiny ViT, 64 px) fits in a few minutes on 2 CPU cores; ``--steps`` sets the
-fine-tuning steps and scales the DINO and fusion steps with it. On a GPU machine raise ``--steps``.
+fine-tuning steps and scales the DINO, attribute and fusion steps with it. On a GPU machine raise
+``--steps``.
 
     visuray demo [--output demo-output] [--steps 400]
 """
@@ -46,9 +47,9 @@ DEMO_STEPS = 400
 DEMO_TRAIN = {"lr": 1e-3, "warmup_steps": 40}
 DEMO_LOSS = {"name": "multi_similarity"}
 NEIGHBOURS = 5
-# The attribute stage trains two small models in-process (attention and pooled baseline); 60 steps keeps
-# it to about a minute on 2 cores.
-ATTRIBUTE_STEPS = 60
+# The attribute stage trains two small models in-process (attention and pooled baseline); 0.15 of the
+# fine-tuning steps (60 at the default 400) keeps it to about a minute on 2 cores.
+ATTRIBUTE_STEPS_PER_FINETUNE_STEP = 0.15
 
 # DINO at jobs/configs/pretrain_vit_tiny.yaml's settings with the demo's backbone (64 px global crops, two
 # 32 px local crops), one worker with one CPU: with two CPUs per worker the Ray Data read tasks that feed
@@ -192,6 +193,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     steps = opts.steps or DEMO_STEPS
     dino_steps = scaled_steps(steps, DINO_STEPS_PER_FINETUNE_STEP)
     fusion_steps = scaled_steps(steps, FUSION_STEPS_PER_FINETUNE_STEP)
+    attribute_steps = scaled_steps(steps, ATTRIBUTE_STEPS_PER_FINETUNE_STEP)
     # Logical CPUs above the 2 physical cores so trainer, data pool and replicas can coexist.
     ensure_ray(num_cpus=opts.num_cpus or 4)
 
@@ -265,8 +267,10 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     train = run_finetune(train_cfg)
     t = stage_done("finetune", t)
 
-    _banner("4/8 train the attribute model (channel attention) beside its pooled baseline")
-    attributes = run_demo_attribute_stage(catalog_uri, str(out / "attributes"), ATTRIBUTE_STEPS)
+    _banner(
+        f"4/8 train the attribute model (channel attention) and its pooled baseline, {attribute_steps} steps"
+    )
+    attributes = run_demo_attribute_stage(catalog_uri, str(out / "attributes"), attribute_steps)
     log.info(
         "attributes: macro AUC %.3f (pooled baseline %.3f) on held-out photos",
         attributes["mean_auc"],
@@ -406,6 +410,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
             "DINO model version": dino.get("model_version"),
             "training steps": steps,
             "model version": train.get("model_version"),
+            "attribute training steps (each head)": attributes["steps"],
             "fusion training steps (MAAF depth 1)": fusion.get("steps"),
             "fusion model version": fusion.get("model_version"),
             "index version": index.get("version"),

@@ -161,6 +161,15 @@ class ServeAppArgs(StrictModel):
     image_cache_shards: int = Field(
         4, ge=1, description="catalog shards whose images the router keeps for /v1/items/{id}/image"
     )
+    models_cache_ttl_s: float = Field(
+        5.0,
+        ge=0,
+        description="each router replica keeps its /v1/models answer this long instead of asking every "
+        "deployment's info() per request (0: ask every time). Staleness bound: a search answer from an "
+        "index version the cached answer does not show drops it at once; an index swap that no search "
+        "through this replica has seen yet (a Search user_config change or a followed LATEST) shows "
+        "within this many seconds of the Search replicas loading it",
+    )
     api_keys_file: str | None = Field(
         None,
         description="file of API keys, one per line (a mounted Kubernetes secret), read by each router "

@@ -12,9 +12,11 @@ No ``from __future__ import annotations`` here: FastAPI reads these annotations 
 
 import asyncio
 import logging
+import math
 import time
+from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
 import numpy as np
@@ -74,6 +76,7 @@ class RouterSettings(StrictModel):
     max_text_chars: int
     query_max_side: int
     image_cache_shards: int
+    models_cache_ttl_s: float
     api_keys_file: str | None
     api_keys_env: str
     storage: StorageOptions
@@ -188,6 +191,64 @@ def _web_page() -> str:
     return resources.files("visuray").joinpath("web/index.html").read_text(encoding="utf-8")
 
 
+T = TypeVar("T")
+
+
+class SharedRefresh(Generic[T]):
+    """A value loaded by ``load()`` and reused for ``ttl_s`` seconds (0: reloaded on every ``get``).
+
+    Callers that arrive while a load is under way await that same load instead of starting their own, so
+    a burst of requests after expiry costs one round of calls to the deployments, not one per request.
+    A failed load is not kept: its callers get the error and the next ``get`` tries again.
+    """
+
+    def __init__(
+        self, load: Callable[[], Awaitable[T]], ttl_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._load = load
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._value: T | None = None
+        self._fresh_until = -math.inf
+        self._pending: asyncio.Future[T] | None = None
+        self._generation = 0  # bumped by invalidate(): a load begun before it must not be kept as fresh
+
+    async def get(self) -> T:
+        if self._value is not None and self._clock() < self._fresh_until:
+            return self._value
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._refresh(self._generation))
+        # Shielded: a caller that goes away (client disconnect) must not cancel the load others await.
+        return await asyncio.shield(self._pending)
+
+    def peek(self) -> T | None:
+        """The value held now, fresh or not, without loading (None when there is none)."""
+        return self._value
+
+    def invalidate(self) -> None:
+        """Drop the value; a load under way may predate the change, so later callers start a new one."""
+        self._generation += 1
+        self._value, self._fresh_until, self._pending = None, -math.inf, None
+
+    async def _refresh(self, generation: int) -> T:
+        try:
+            value = await self._load()
+        finally:
+            if generation == self._generation:
+                self._pending = None
+        if generation == self._generation:
+            self._value, self._fresh_until = value, self._clock() + self._ttl_s
+        return value
+
+
+def shows_index_version(models: ModelsResponse, deployment: str, version: str) -> bool:
+    """Whether a /v1/models answer names ``version`` as the index of ``deployment`` ("search" answers
+    /v1/search, "composed_search" /v1/search/composed)."""
+    if deployment == "search":
+        return models.index.get("version") == version
+    return models.fusion is not None and models.fusion["index"].get("version") == version
+
+
 @serve.deployment(name="Router")
 @serve.ingress(api)
 class Router:
@@ -212,6 +273,8 @@ class Router:
         self.items = CatalogItems.load(catalog_uri, settings.storage, settings.image_cache_shards)
         self.page = _web_page()
         self._versions: dict[str, str] = {}  # model versions are fixed for a replica's lifetime
+        # Index versions are not (Search swaps them): see ServeAppArgs.models_cache_ttl_s for the bound.
+        self._models = SharedRefresh(self._load_models, settings.models_cache_ttl_s)
         # The FastAPI app is this replica's own (one Router per replica process): its middleware reads these.
         api.state.api_key_guard = guard_from(settings.api_keys_file, settings.api_keys_env)
         api.state.metrics = ServeMetrics()
@@ -224,6 +287,31 @@ class Router:
             self._versions[name] = (await call_with_retry(handle.info))["version"]
             api.state.metrics.set_versions({name: self._versions[name]})
         return self._versions[name]
+
+    def _answered_from(self, deployment: str, index_version: str) -> None:
+        """A search answer names its index: one the cached /v1/models does not show means it was swapped."""
+        cached = self._models.peek()
+        if cached is not None and not shows_index_version(cached, deployment, index_version):
+            self._models.invalidate()
+
+    async def _load_models(self) -> ModelsResponse:
+        calls = [self.embedder.info.remote(), self.search.info.remote()]
+        optional = [self.fusion, self.composed_search, self.attributes]
+        calls += [h.info.remote() for h in optional if h is not None]
+        answers = iter(await asyncio.gather(*calls))
+        model, index = next(answers), next(answers)
+        fusion = composed = attributes = None
+        if self.fusion is not None:
+            fusion, composed = next(answers), next(answers)
+        if self.attributes is not None:
+            attributes = next(answers)
+        return ModelsResponse(
+            model=model,
+            index=index,
+            fusion=None if fusion is None else {**fusion, "index": composed},
+            attributes=attributes,
+            catalog={"version": self.items.version, "count": len(self.items)},
+        )
 
     # ------------------------------------------------------------------ input
     async def _query(self, request: Request, fields: tuple[str, ...] = ("k",)) -> Any:
@@ -271,24 +359,9 @@ class Router:
 
     @api.get("/v1/models")
     async def models(self) -> ModelsResponse:
-        """Which model (ensemble), index, fusion and attribute versions answer, and the catalog."""
-        calls = [self.embedder.info.remote(), self.search.info.remote()]
-        optional = [self.fusion, self.composed_search, self.attributes]
-        calls += [h.info.remote() for h in optional if h is not None]
-        answers = iter(await asyncio.gather(*calls))
-        model, index = next(answers), next(answers)
-        fusion = composed = attributes = None
-        if self.fusion is not None:
-            fusion, composed = next(answers), next(answers)
-        if self.attributes is not None:
-            attributes = next(answers)
-        return ModelsResponse(
-            model=model,
-            index=index,
-            fusion=None if fusion is None else {**fusion, "index": composed},
-            attributes=attributes,
-            catalog={"version": self.items.version, "count": len(self.items)},
-        )
+        """Which model (ensemble), index, fusion and attribute versions answer, and the catalog (cached
+        for ``models_cache_ttl_s`` seconds per router replica)."""
+        return await self._models.get()
 
     @api.post("/v1/embed", openapi_extra=IMAGE_QUERY_BODY, responses=QUERY_ERRORS)
     async def embed(self, request: Request) -> EmbedResponse:
@@ -306,6 +379,7 @@ class Router:
         vector = await call_with_retry(self.embedder.embed, await self._pixels(query.image))
         found = await call_with_retry(self.search.search, vector, k)
         api.state.metrics.set_versions({"index": found["index_version"]})
+        self._answered_from("search", found["index_version"])
         version = await self._version_of("embedder", self.embedder)
         return SearchResponse(
             model_version=version, index_version=found["index_version"], k=k, results=self._hits(found)
@@ -321,6 +395,7 @@ class Router:
         text = parse_text(query.text, self.settings.max_text_chars)
         vector = await call_with_retry(self.fusion.encode, await self._pixels(query.image), text)
         found = await call_with_retry(self.composed_search.search, vector, k)
+        self._answered_from("composed_search", found["index_version"])
         return ComposedSearchResponse(
             model_version=await self._version_of("fusion", self.fusion),
             index_version=found["index_version"],
