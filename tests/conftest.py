@@ -21,6 +21,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # Ray reads this when it is first imported: on a loaded 2-core machine the dashboard of a new cluster (the
 # session's, or one a CLI subprocess starts) can take over Ray's default 60 s to come up.
 os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "180")
+# A Ray Train worker's report() waits until the controller's next poll of the workers (every 2 s by default)
+# has taken the previous one. The tests' runs are a few tiny steps reporting each step or two, so the default
+# paces them at 2 s a report, most of a run's time; polling every 0.2 s makes them wait on work instead.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Ray Data's Parquet reader reads file footers in a pool of actors, 32 by default, a Python process each,
+# started for every read (each training attempt's dataset, each index build). The tests' catalogs are a few
+# small files: one reader does, and the CPU those process starts took (half of a pretraining run's) is freed.
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+# Both are inherited by every cluster the tests start (the session's, `ray start` heads, CLI subprocesses).
 
 
 def free_port() -> int:

@@ -45,7 +45,13 @@ def read_heartbeats(directory: Path) -> dict[int, dict]:
 
 
 def checkpoint_steps(run_path: Path) -> list[int]:
-    return sorted(json.loads(p.read_text())["step"] for p in run_path.glob("checkpoint_*/train_state.json"))
+    steps = []
+    for path in run_path.glob("checkpoint_*/train_state.json"):
+        try:
+            steps.append(json.loads(path.read_text())["step"])
+        except (OSError, json.JSONDecodeError):
+            continue  # being written (or moved) by the worker right now: read it at the next poll
+    return sorted(steps)
 
 
 def test_two_node_pretraining_survives_a_killed_worker(cluster, tmp_path):
