@@ -88,34 +88,25 @@ def backbone_features(backbone: Any, images: list[bytes], img_size: int, batch_s
     """Pooled backbone features of encoded images, with the evaluation/serving preprocessing."""
     import torch
 
-    from visuray.images import decode_image, to_model_input
+    from visuray.models.batchnorm import encoded_image_batches
 
     out = []
     with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            batch = to_model_input([decode_image(b) for b in images[start : start + batch_size]], img_size)
+        for batch in encoded_image_batches(images, img_size, batch_size):
             out.append(backbone.forward_head(backbone.forward_features(batch), pre_logits=True).float())
     return torch.cat(out).numpy()
 
 
-def reestimate_batchnorm(backbone: Any, images: list[bytes], img_size: int, batch_size: int = 128) -> Any:
-    """A copy of ``backbone`` whose BatchNorm running statistics are the plain average over ``images``
-    (momentum None), in eval mode; weights untouched. A no-op copy for models without BatchNorm."""
+def reestimate_batchnorm(backbone: Any, images: list[bytes], img_size: int) -> Any:
+    """A copy of ``backbone`` whose BatchNorm running statistics are the plain average over ``images``,
+    in eval mode; weights untouched. A no-op copy for models without BatchNorm."""
     import copy
 
-    import torch
-
-    from visuray.images import decode_image, to_model_input
+    from visuray.models.batchnorm import encoded_image_batches
+    from visuray.models.batchnorm import reestimate_batchnorm as reestimate_in_place
 
     model = copy.deepcopy(backbone)
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over all batches
-    model.train()
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            model(to_model_input([decode_image(b) for b in images[start : start + batch_size]], img_size))
+    reestimate_in_place(model, encoded_image_batches(images, img_size))
     return model.eval()
 
 

@@ -61,6 +61,33 @@ def read_shard_tables(
     return [pq.read_table(io.BytesIO(artifact.read(name)), columns=cols) for name in _shard_names(artifact)]
 
 
+def sample_catalog_images(
+    uri: str | Artifact, count: int, options: StorageOptions | None = None, seed: int = 0
+) -> list[bytes]:
+    """Up to ``count`` encoded images of a catalog, a seeded random sample read one shard at a time.
+
+    Shards are visited in a seeded random order; each gives a random share of what is still missing
+    (what remains divided by the shards left, rounded up), so the sample spreads over the catalog while
+    at most one shard's images are in memory beside it. Fewer than ``count`` only when the catalog is
+    smaller.
+    """
+    import random
+
+    artifact = _catalog(uri, options)
+    names = _shard_names(artifact)
+    rng = random.Random(seed)
+    rng.shuffle(names)
+    images: list[bytes] = []
+    for left, name in zip(range(len(names), 0, -1), names, strict=True):
+        wanted = -(-(count - len(images)) // left)
+        if wanted <= 0:
+            break
+        column = pq.read_table(io.BytesIO(artifact.read(name)), columns=["image"])["image"]
+        rows = rng.sample(range(len(column)), min(wanted, len(column)))
+        images.extend(column[i].as_py() for i in sorted(rows))
+    return images
+
+
 def read_catalog_dataset(
     uri: str | Artifact, options: StorageOptions | None = None, columns: Sequence[str] | None = None
 ) -> ray.data.Dataset:

@@ -186,6 +186,18 @@ class PretrainScalingSection(common.ScalingSection):
     )
 
 
+class PretrainExportSection(StrictModel):
+    """What is done to the teacher's backbone before it is published."""
+
+    batchnorm_images: int = Field(
+        2048,
+        ge=0,
+        description="catalog images (a seeded random sample, serving preprocessing) over which a backbone "
+        "with BatchNorm gets its running statistics recomputed before publishing; the teacher's own are "
+        "averages over augmented crops. 0 publishes the teacher's. No effect on models without BatchNorm",
+    )
+
+
 class PretrainConfig(StrictModel):
     """The ``pretrain`` job: catalog (labels unused) in, model artifact (teacher backbone) out."""
 
@@ -204,6 +216,7 @@ class PretrainConfig(StrictModel):
     )
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     scaling: PretrainScalingSection = Field(default_factory=PretrainScalingSection)
+    export: PretrainExportSection = Field(default_factory=PretrainExportSection)
 
     @model_validator(mode="after")
     def _crops_fit_patches(self) -> PretrainConfig:
@@ -657,10 +670,31 @@ def export_teacher_backbone(
     with torch.no_grad():
         model.projection.weight.copy_(torch.eye(width))
         model.projection.bias.zero_()
+    batchnorm = recalibrate_batchnorm(model.backbone, cfg)
     return save_model(
-        cfg.output, model, model_cfg, job_cfg=cfg, metadata={**metadata, "projection_init": "identity"},
+        cfg.output, model, model_cfg, job_cfg=cfg,
+        metadata={**metadata, "projection_init": "identity", "batchnorm_statistics": batchnorm},
         options=cfg.storage,
     )  # fmt: skip
+
+
+def recalibrate_batchnorm(backbone: nn.Module, cfg: PretrainConfig) -> str | None:
+    """Recompute ``backbone``'s BatchNorm statistics on ``cfg.export.batchnorm_images`` clean catalog
+    images (see :class:`PretrainExportSection`); returns what its statistics now are, for the artifact's
+    metadata (None for a backbone without BatchNorm)."""
+    from visuray.catalog.readers import sample_catalog_images
+    from visuray.models.batchnorm import batchnorm_layers, encoded_image_batches, reestimate_batchnorm
+
+    if not batchnorm_layers(backbone):
+        return None
+    if cfg.export.batchnorm_images == 0:
+        return "the teacher's running averages over augmented training crops"
+    images = sample_catalog_images(
+        absolute_uri(cfg.catalog), cfg.export.batchnorm_images, cfg.storage, seed=cfg.train.seed
+    )
+    log.info("re-estimating BatchNorm statistics on %d catalog images", len(images))
+    seen = reestimate_batchnorm(backbone, encoded_image_batches(images, cfg.model.backbone.img_size))
+    return f"re-estimated on {seen} catalog images (serving preprocessing)"
 
 
 def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
