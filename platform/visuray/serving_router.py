@@ -295,10 +295,9 @@ class Router:
             self._models.invalidate()
 
     async def _load_models(self) -> ModelsResponse:
-        calls = [self.embedder.info.remote(), self.search.info.remote()]
-        optional = [self.fusion, self.composed_search, self.attributes]
-        calls += [h.info.remote() for h in optional if h is not None]
-        answers = iter(await asyncio.gather(*calls))
+        handles = [self.embedder, self.search, self.fusion, self.composed_search, self.attributes]
+        # Each asked like every other route asks: again on another replica if the one reached died.
+        answers = iter(await asyncio.gather(*(call_with_retry(h.info) for h in handles if h is not None)))
         model, index = next(answers), next(answers)
         fusion = composed = attributes = None
         if self.fusion is not None:
