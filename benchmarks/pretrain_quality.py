@@ -123,12 +123,41 @@ def effective_rank(features: np.ndarray) -> float:
 # ---------------------------------------------------------------- evaluation
 
 
-def knn_correct(features: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray) -> np.ndarray:
-    """Per-test-item top-1 correctness of weighted k-NN (k=20, T=0.07)."""
+def knn_correct(
+    features: np.ndarray,
+    labels: np.ndarray,
+    train: np.ndarray,
+    test: np.ndarray,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> np.ndarray:
+    """Per-test-item top-1 correctness of weighted k-NN (DINO's k=20, T=0.07 unless given)."""
     from visuray.evaluation.knn import knn_predict_scores
 
-    votes, classes = knn_predict_scores(features[train], labels[train], features[test])
+    votes, classes = knn_predict_scores(features[train], labels[train], features[test], k, temperature)
     return np.asarray(classes, dtype=object)[votes.argmax(axis=1)] == labels[test]
+
+
+KNN_GRID_KS = (1, 5, 20, 50)
+KNN_GRID_TEMPERATURES = (0.03, 0.07, 0.2)
+
+
+def knn_grid(rows: dict[str, np.ndarray], labels: np.ndarray, seed: int) -> dict[str, dict[str, float]]:
+    """k-NN top-1 of every row at each k and temperature of the grid, on the protocol's item split: is a
+    k-NN margin a property of the features or of DINO's k=20, T=0.07?"""
+    from visuray.evaluation.knn import l2_normalise, stratified_item_split
+
+    train, test = stratified_item_split(labels, 0.5, seed)
+    grid = {}
+    for name, feats in rows.items():
+        feats = l2_normalise(feats)
+        grid[name] = {
+            f"k={k} T={t}": float(knn_correct(feats, labels, train, test, k, t).mean())
+            for k in KNN_GRID_KS
+            for t in KNN_GRID_TEMPERATURES
+        }
+        print(f"  k-NN grid, {name}: " + ", ".join(f"{c} {v:.3f}" for c, v in grid[name].items()), flush=True)
+    return grid
 
 
 def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -216,6 +245,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--per-class", type=int, default=200, help="at most this many photos per held-out type"
     )
     parser.add_argument("--episodes", type=int, default=600, help="few-shot episodes per shot count")
+    parser.add_argument(
+        "--knn-grid",
+        action="store_true",
+        help=f"also k-NN top-1 at k in {KNN_GRID_KS} x T in {KNN_GRID_TEMPERATURES} for every row",
+    )
     parser.add_argument("--seed", type=int, default=0, help="split, subset, episodes and random-init seed")
     parser.add_argument("--out", default="runs/benchmarks/pretrain_quality", help="folder for results.json")
     parser.add_argument(
@@ -274,6 +308,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         reestimate_batchnorm(pretrained.backbone, images, img_size), images, img_size
     )
     results = evaluate_rows(rows, labels, (1, 5), args.episodes, args.seed)
+    if args.knn_grid:
+        results["knn_grid"] = knn_grid(rows, labels, args.seed)
     metadata = artifact.manifest.metadata if hasattr(artifact.manifest, "metadata") else {}
     results |= {
         "catalog": args.catalog,
