@@ -84,17 +84,14 @@ def heldout_rows(
 # ---------------------------------------------------------------- features
 
 
-def backbone_features(backbone: Any, images: list[bytes], img_size: int, batch_size: int = 128) -> np.ndarray:
+def backbone_features(backbone: Any, images: list[bytes], img_size: int) -> np.ndarray:
     """Pooled backbone features of encoded images, with the evaluation/serving preprocessing."""
-    import torch
+    from visuray.report import embed_images_in_process
 
-    from visuray.models.batchnorm import encoded_image_batches
+    def pooled(batch: Any) -> Any:
+        return backbone.forward_head(backbone.forward_features(batch), pre_logits=True)
 
-    out = []
-    with torch.no_grad():
-        for batch in encoded_image_batches(images, img_size, batch_size):
-            out.append(backbone.forward_head(backbone.forward_features(batch), pre_logits=True).float())
-    return torch.cat(out).numpy()
+    return embed_images_in_process(images, pooled, img_size, batch=128)
 
 
 def reestimate_batchnorm(backbone: Any, images: list[bytes], img_size: int) -> Any:
@@ -102,12 +99,12 @@ def reestimate_batchnorm(backbone: Any, images: list[bytes], img_size: int) -> A
     in eval mode; weights untouched. A no-op copy for models without BatchNorm."""
     import copy
 
-    from visuray.models.batchnorm import encoded_image_batches
+    from visuray.images import encoded_image_batches
     from visuray.models.batchnorm import reestimate_batchnorm as reestimate_in_place
 
     model = copy.deepcopy(backbone)
     reestimate_in_place(model, encoded_image_batches(images, img_size))
-    return model.eval()
+    return model.eval()  # also for a backbone without BatchNorm, which the re-estimation leaves as it was
 
 
 def effective_rank(features: np.ndarray) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from PIL import Image, UnidentifiedImageError
@@ -91,3 +91,11 @@ def to_model_input(images: Sequence[Image.Image], img_size: int) -> torch.Tensor
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (batch - mean) / std
+
+
+def encoded_image_batches(
+    images: Sequence[bytes], img_size: int, batch_size: int = 128
+) -> Iterator[torch.Tensor]:
+    """Encoded images as :func:`to_model_input` batches of at most ``batch_size``, decoded batch by batch."""
+    for start in range(0, len(images), batch_size):
+        yield to_model_input([decode_image(b) for b in images[start : start + batch_size]], img_size)

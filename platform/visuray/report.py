@@ -51,12 +51,11 @@ def embed_images_in_process(images: list[bytes], embed: Any, img_size: int, batc
     """Embed encoded images with a torch module in this process (for small report-side baselines)."""
     import torch
 
-    from visuray.images import decode_image, to_model_input
+    from visuray.images import encoded_image_batches
 
     out = []
     with torch.no_grad():
-        for i in range(0, len(images), batch):
-            x = to_model_input([decode_image(b) for b in images[i : i + batch]], img_size)
+        for x in encoded_image_batches(images, img_size, batch):
             out.append(embed(x).float().numpy())
     return np.concatenate(out)
 

@@ -52,13 +52,17 @@ def _check_columns(columns: Sequence[str] | None) -> list[str] | None:
     return list(columns)
 
 
+def _read_shard(artifact: Artifact, name: str, columns: list[str] | None) -> pa.Table:
+    return pq.read_table(io.BytesIO(artifact.read(name)), columns=columns)  # read() verifies the checksum
+
+
 def read_shard_tables(
     uri: str | Artifact, options: StorageOptions | None = None, columns: Sequence[str] | None = None
 ) -> list[pa.Table]:
     """Every shard of a catalog as an Arrow table, in shard order, each checked against its checksum."""
     artifact = _catalog(uri, options)
     cols = _check_columns(columns)
-    return [pq.read_table(io.BytesIO(artifact.read(name)), columns=cols) for name in _shard_names(artifact)]
+    return [_read_shard(artifact, name, cols) for name in _shard_names(artifact)]
 
 
 def sample_catalog_images(
@@ -82,7 +86,7 @@ def sample_catalog_images(
         wanted = -(-(count - len(images)) // left)
         if wanted <= 0:
             break
-        column = pq.read_table(io.BytesIO(artifact.read(name)), columns=["image"])["image"]
+        column = _read_shard(artifact, name, ["image"])["image"]
         rows = rng.sample(range(len(column)), min(wanted, len(column)))
         images.extend(column[i].as_py() for i in sorted(rows))
     return images

@@ -10,7 +10,7 @@ measures what it is worth).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -66,14 +66,3 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> i
             layer.momentum = momentum
         model.eval()
     return seen
-
-
-def encoded_image_batches(
-    images: Sequence[bytes], img_size: int, batch_size: int = 128
-) -> Iterator[torch.Tensor]:
-    """Encoded images as model-input batches, with the evaluation/serving preprocessing
-    (:func:`visuray.images.to_model_input`)."""
-    from visuray.images import decode_image, to_model_input
-
-    for start in range(0, len(images), batch_size):
-        yield to_model_input([decode_image(b) for b in images[start : start + batch_size]], img_size)

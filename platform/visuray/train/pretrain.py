@@ -683,7 +683,8 @@ def recalibrate_batchnorm(backbone: nn.Module, cfg: PretrainConfig) -> str | Non
     images (see :class:`PretrainExportSection`); returns what its statistics now are, for the artifact's
     metadata (None for a backbone without BatchNorm)."""
     from visuray.catalog.readers import sample_catalog_images
-    from visuray.models.batchnorm import batchnorm_layers, encoded_image_batches, reestimate_batchnorm
+    from visuray.images import encoded_image_batches
+    from visuray.models.batchnorm import batchnorm_layers, reestimate_batchnorm
 
     if not batchnorm_layers(backbone):
         return None
