@@ -12,6 +12,10 @@ test lines are not evaluated). Settings chosen there (per row with ``--override`
 ``concat.composer_lr_scale=4``) are then run with ``--split test`` (``--val-fraction 0``: training on all
 training lines) on several seeds; every baseline gets the same settings grid on validation.
 
+Besides the means, every run keeps each query's first-hit rank per row (``hit_ranks.npz``, with
+``queries.json``) and reports each fusion row's margin over each baseline with a 95% interval from a
+paired bootstrap over reference images; ``--summarise DIR [DIR ...]`` pools finished runs (seeds).
+
 It runs the train_fusion job's own loop pieces (:func:`visuray.fusion.train.train_steps`,
 :func:`~visuray.fusion.train.evaluate`) in this process, without Ray, so the budget goes to the models.
 
@@ -20,6 +24,10 @@ It runs the train_fusion job's own loop pieces (:func:`visuray.fusion.train.trai
     # selection on validation (test lines untouched), one run per setting of the grid:
     .venv/bin/python benchmarks/fusion_quality.py --catalog runs/catalogs/fashion-products --steps 300 \
         --max-items 1500 --val-fraction 0.2 --split val --composer-lr-scale 4 --out runs/benchmarks/fq_val/scale4
+    # the whole catalog, two seeds, then pooled:
+    .venv/bin/python benchmarks/fusion_quality.py --catalog runs/catalogs/fashion-products --steps 1000 \
+        --batch-size 64 --max-items 20000 --threads 1 --seed 0 --out runs/benchmarks/fq_full/seed0
+    .venv/bin/python benchmarks/fusion_quality.py --summarise runs/benchmarks/fq_full/seed0 runs/benchmarks/fq_full/seed1
 """
 
 from __future__ import annotations
@@ -37,7 +45,14 @@ FUSIONS = ["maaf", "residual"]
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--catalog", required=True, help="fashion-products catalog (see the ingest job)")
+    parser.add_argument("--catalog", help="fashion-products catalog (see the ingest job)")
+    parser.add_argument(
+        "--summarise",
+        nargs="+",
+        metavar="OUT_DIR",
+        help="train nothing: merge finished runs (e.g. one per seed, same rows) into a table of means and "
+        "paired margins pooled over all their queries",
+    )
     parser.add_argument("--out", default="runs/benchmarks/fusion_quality", help="results.json + report.html")
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per model (same for all)")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -61,6 +76,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--split", choices=["test", "val"], default="test", help="where rows are scored")
     parser.add_argument("--composer-lr-scale", type=float, default=1.0, help="lr multiplier of the composer")
     parser.add_argument("--residual-init-weight", type=float, default=1.0, help="residual fusion only")
+    parser.add_argument(
+        "--fusion-gate",
+        action="store_true",
+        help="maaf/residual rows with the preservation gate (model.fusion_gate); their names get +gate",
+    )
     parser.add_argument("--text-depth", type=int, default=2)
     parser.add_argument("--fusion-dropout", type=float, default=0.1)
     parser.add_argument(
@@ -133,6 +153,7 @@ def config_for(
                 "fusion_depth": depth,
                 "fusion_dropout": args.fusion_dropout,
                 "residual_init_weight": o.get("residual_init_weight", args.residual_init_weight),
+                "fusion_gate": args.fusion_gate and fusion in FUSIONS,
             },
             "train": {
                 "steps": args.steps,
@@ -148,7 +169,97 @@ def config_for(
     )
 
 
+def paired_margins(
+    hit_ranks: dict[str, Any],
+    clusters: list[str],
+    ks: tuple[int, ...] = (1, 10, 50),
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Each fusion row's margin over each baseline row, R@k and (R@10+R@50)/2, with a 95% interval from
+    a paired bootstrap over reference items (``clusters``): queries of one reference image share it and
+    are not independent, so they are resampled together; both rows are scored on the same resample."""
+    import numpy as np
+
+    _, cluster_index = np.unique(np.asarray(clusters), return_inverse=True)
+    n_clusters = int(cluster_index.max()) + 1 if len(clusters) else 0
+    rng = np.random.default_rng(seed)
+    # counts[b, c]: how often resample b draws cluster c; per-cluster sums make each resample a matmul.
+    counts = np.stack(
+        [np.bincount(rng.integers(0, n_clusters, n_clusters), minlength=n_clusters) for _ in range(n_boot)]
+    )
+    sizes = np.bincount(cluster_index, minlength=n_clusters)
+    out: list[dict[str, Any]] = []
+    for fusion in (name for name in hit_ranks if name.split("-d")[0] in FUSIONS):
+        for baseline in (name for name in hit_ranks if name in BASELINES):
+            row: dict[str, Any] = {"model": fusion, "over": baseline}
+            diffs = {}
+            for k in ks:
+                diff = (hit_ranks[fusion] < k).astype(float) - (hit_ranks[baseline] < k)
+                diffs[f"R@{k}"] = diff
+            if 10 in ks and 50 in ks:
+                diffs["(R@10+R@50)/2"] = (diffs["R@10"] + diffs["R@50"]) / 2
+            for metric, diff in diffs.items():
+                per_cluster = np.bincount(cluster_index, weights=diff, minlength=n_clusters)
+                boot = (counts @ per_cluster) / (counts @ sizes)
+                lo, hi = np.percentile(boot, [2.5, 97.5])
+                row[metric] = {"margin": float(diff.mean()), "ci95": [float(lo), float(hi)]}
+            out.append(row)
+    return out
+
+
+def margins_table(margins: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: margin [95% interval] of each fusion row over each baseline."""
+    if not margins:
+        return []
+    metrics = [k for k in margins[0] if k not in ("model", "over")]
+    lines = ["| model | over | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for m in margins:
+        cells = [f"{m[k]['margin']:+.3f} [{m[k]['ci95'][0]:+.3f}, {m[k]['ci95'][1]:+.3f}]" for k in metrics]
+        lines.append(f"| {m['model']} | {m['over']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def summarise(run_dirs: list[str]) -> list[str]:
+    """Markdown: each row's mean over the runs (and R@10 per run), then every fusion row's margins over
+    every baseline, bootstrapped over the queries of all runs together (a reference image of run i is
+    the cluster ``i:<id>``: runs with other seeds split the catalog differently)."""
+    import numpy as np
+
+    results = [json.loads((Path(d) / "results.json").read_text()) for d in run_dirs]
+    names = [
+        r["model"]
+        for r in results[0]["rows"]
+        if all(r["model"] in {x["model"] for x in o["rows"]} for o in results)
+    ]
+    lines = [
+        f"runs: {', '.join(run_dirs)}",
+        "| model | R@1 | R@10 | R@50 | (R@10+R@50)/2 | R@10 per run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        rows = [next(x for x in o["rows"] if x["model"] == name) for o in results]
+        mean = {k: float(np.mean([x[k] for x in rows])) for k in ("R@1", "R@10", "R@50", "(R@10+R@50)/2")}
+        per_run = " / ".join(f"{x['R@10']:.3f}" for x in rows)
+        lines.append(
+            f"| {name} | {mean['R@1']:.3f} | {mean['R@10']:.3f} | {mean['R@50']:.3f} | "
+            f"{mean['(R@10+R@50)/2']:.3f} | {per_run} |"
+        )
+    hit_ranks: dict[str, list[Any]] = {name: [] for name in names}
+    clusters: list[str] = []
+    for i, d in enumerate(run_dirs):
+        with np.load(Path(d) / "hit_ranks.npz") as ranks:
+            for name in names:
+                hit_ranks[name].append(ranks[name])
+        clusters += [f"{i}:{q['reference_id']}" for q in json.loads((Path(d) / "queries.json").read_text())]
+    pooled = {name: np.concatenate(parts) for name, parts in hit_ranks.items()}
+    lines += ["", "paired margins, all runs' queries pooled (95% cluster-bootstrap interval):"]
+    lines += margins_table(paired_margins(pooled, clusters))
+    return lines
+
+
 def main() -> None:
+    import numpy as np
     import torch
 
     from visuray.catalog.readers import load_catalog_frame
@@ -166,6 +277,12 @@ def main() -> None:
     )
 
     args = parse_args()
+    if args.summarise:
+        for line in summarise(args.summarise):
+            print(line)
+        return
+    if not args.catalog:
+        raise SystemExit("--catalog is required (unless --summarise)")
     if args.split == "val" and args.val_fraction <= 0:
         raise SystemExit("--split val needs --val-fraction > 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -191,8 +308,9 @@ def main() -> None:
     runs += [(m, d) for m in args.models if m in FUSIONS for d in args.depths]
     rows: list[dict[str, Any]] = []
     examples_of: dict[str, Any] = {}
+    hit_ranks: dict[str, Any] = {}
     for fusion, depth in runs:
-        name = fusion if depth == 0 else f"{fusion}-d{depth}"
+        name = fusion if depth == 0 else f"{fusion}-d{depth}" + ("+gate" if args.fusion_gate else "")
         override = overrides_of(args, name)
         cfg = config_for(args, args.catalog, fusion, max(depth, 1), override)
         cfg.model.text.vocab_size = tokenizer.vocab_size
@@ -213,8 +331,10 @@ def main() -> None:
             lambda step, loss, lr, losses=losses: losses.append(float(loss)),
         )
         train_s = time.monotonic() - t0
-        metrics, examples = evaluate(objective.model, cache, tokenizer, data, cfg.eval, args.split)
-        m = {k.split("/", 1)[1]: v for k, v in metrics.items()}
+        held_out = evaluate(objective.model, cache, tokenizer, data, cfg.eval, args.split)
+        hit_ranks[name] = held_out.hit_ranks
+        examples = held_out.examples
+        m = {k.split("/", 1)[1]: v for k, v in held_out.metrics.items()}
         row = {
             "model": name,
             "split": args.split,
@@ -234,12 +354,20 @@ def main() -> None:
         rows.append(row)
         examples_of[name] = examples
         print(json.dumps(row), flush=True)
+        # Per-query first-hit ranks, rewritten after every row so that a cut-short grid keeps its rows.
+        np.savez(out / "hit_ranks.npz", **hit_ranks)
+    (out / "queries.json").write_text(
+        json.dumps([{"reference_id": q.reference_id, "kind": q.kind} for q in scored_queries])
+    )
 
     best_baseline = {k: max(r[k] for r in rows if r["model"] in BASELINES) for k in ("R@10", "R@50")}
     for row in rows:
         if row["model"] not in BASELINES:
             for k in ("R@10", "R@50"):
                 row[f"{k} - best baseline"] = row[k] - best_baseline[k]
+    margins = paired_margins(hit_ranks, [q.reference_id for q in scored_queries], seed=args.seed)
+    for line in margins_table(margins):
+        print(line)
     total_s = time.monotonic() - started
     summary = {
         "note": TEMPLATED_TEXT_NOTE,
@@ -257,6 +385,7 @@ def main() -> None:
         },
         "total_s": round(total_s, 1),
         "rows": rows,
+        "paired_margins": margins,
     }
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     columns = list(rows[0]) + ["R@10 - best baseline", "R@50 - best baseline"]

@@ -29,7 +29,10 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # started for every read (each training attempt's dataset, each index build). The tests' catalogs are a few
 # small files: one reader does, and the CPU those process starts took (half of a pretraining run's) is freed.
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
-# Both are inherited by every cluster the tests start (the session's, `ray start` heads, CLI subprocesses).
+# Serve gives a new HTTP proxy 5 s per readiness check and kills it after 3 misses; on a loaded 2-core
+# machine a proxy starting beside busy replicas has taken longer, and the app never got a proxy.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
+# These are inherited by every cluster the tests start (the session's, `ray start` heads, CLI subprocesses).
 
 
 def free_port() -> int:

@@ -274,13 +274,34 @@ def test_killed_serve_replica_fails_at_most_one_percent_as_retryable_503(
 
     ops = ops_app(tmp_path_factory)
     image = ops.served.records["item-2"].image
-    result, victim = kill_one_replica_under_load(
-        f"{ops.url}/v1/search", OPS_APP, multipart(image, k="3"), ops.headers, requests=300, kill_after=60
-    )
+    # /v1/models (uncached in this app) is polled beside the stream: it asks every deployment's info(),
+    # the killed replica's too, and must answer like the other routes (retried, or a retryable 503).
+    stream_over = threading.Event()
+    models_answers: list[tuple[int, str | None]] = []
+
+    def poll_models() -> None:
+        with httpx.Client(timeout=60, headers=ops.headers) as http:
+            while not stream_over.is_set():
+                response = http.get(f"{ops.url}/v1/models")
+                models_answers.append((response.status_code, response.headers.get("retry-after")))
+                time.sleep(0.05)
+
+    poller = threading.Thread(target=poll_models, daemon=True)
+    poller.start()
+    try:
+        result, victim = kill_one_replica_under_load(
+            f"{ops.url}/v1/search", OPS_APP, multipart(image, k="3"), ops.headers, requests=300, kill_after=60
+        )
+    finally:
+        stream_over.set()
+        poller.join(timeout=60)
     counts = Counter(result.statuses)
     print(
-        f"\nreplica kill: {len(result.statuses)} requests in {result.seconds:.1f}s, statuses {dict(counts)}"
+        f"\nreplica kill: {len(result.statuses)} requests in {result.seconds:.1f}s, statuses {dict(counts)}; "
+        f"/v1/models {dict(Counter(status for status, _ in models_answers))}"
     )
+    assert len(models_answers) >= 10, models_answers
+    assert all(status == 200 or (status == 503 and retry) for status, retry in models_answers), models_answers
     assert len(result.statuses) == 300
     assert len(result.failed) <= 0.01 * len(result.statuses), counts
     for status, retry in zip(result.statuses, result.retry_after, strict=True):

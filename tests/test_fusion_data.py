@@ -26,7 +26,13 @@ from visuray.fusion.datasets import (
     split_held_out,
     subset_items,
 )
-from visuray.fusion.metrics import average_precision, cfq_metrics, composed_recall, roc_auc
+from visuray.fusion.metrics import (
+    average_precision,
+    cfq_metrics,
+    composed_recall,
+    first_hit_ranks,
+    roc_auc,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -296,6 +302,15 @@ def test_composed_recall_matches_a_brute_force_reference() -> None:
     )
     # the reference is never in its own ranked list
     assert all(ids[j] != ref for row, ref in zip(rankings, reference_ids, strict=True) for j in row)
+    # per query: the rank of the first relevant item, as the brute-force order gives it (inf past 50)
+    ranks = first_hit_ranks(rankings, ids, relevant)
+    for i in range(40):
+        order = sorted(
+            (j for j in range(120) if ids[j] != reference_ids[i]),
+            key=lambda j: (-float(query[i] @ gallery[j]), j),
+        )
+        expected = next((r for r, j in enumerate(order[:50]) if ids[j] in relevant[i]), np.inf)
+        assert ranks[i] == expected
 
 
 def slow_ap(scores, labels):

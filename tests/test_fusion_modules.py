@@ -245,6 +245,55 @@ def test_maaf_adds_its_fused_change_to_the_image_embedding() -> None:
     torch.testing.assert_close(maaf(*inputs), image_embedding)
 
 
+def test_preservation_gate_starts_as_the_ungated_module_then_scales_the_image_embedding() -> None:
+    from visuray.fusion.modules import modality_pool
+
+    torch.manual_seed(0)
+    inputs = (
+        torch.randn(3, 5, 24),
+        torch.randn(3, 16),
+        torch.randn(3, 4, 32),
+        None,
+        torch.tensor([[False] * 4, [False] * 2 + [True] * 2, [False] * 3 + [True]]),
+    )
+    for gated, plain in (
+        (
+            MAAF(24, 32, 32, 16, depth=2, heads=2, dropout=0.0, gate=True),
+            MAAF(24, 32, 32, 16, depth=2, heads=2, dropout=0.0),
+        ),
+        (
+            ResidualAttentionFusion(24, 32, 32, 16, 1, 2, 0.0, residual_init_weight=1.0, gate=True),
+            ResidualAttentionFusion(24, 32, 32, 16, 1, 2, 0.0, residual_init_weight=1.0),
+        ),
+    ):
+        state = gated.state_dict()
+        assert {k for k in state if k.startswith("gate.")} == {"gate.proj.weight", "gate.proj.bias"}
+        plain.load_state_dict({k: v for k, v in state.items() if not k.startswith("gate.")})
+        torch.testing.assert_close(gated(*inputs), plain(*inputs))  # the zero-initialised gate is 1
+        # the gate learns: the loss reaches its weights
+        gated(*inputs).sum().backward()
+        assert gated.gate.proj.weight.grad.abs().sum() > 0
+
+    # MAAF with a trained gate: 2 sigmoid(W pooled + b) * image embedding, plus the same residual
+    maaf = MAAF(24, 32, 32, 16, depth=1, heads=2, dropout=0.0, gate=True).eval()
+    torch.nn.init.normal_(maaf.gate.proj.weight)
+    torch.nn.init.normal_(maaf.gate.proj.bias)
+    fused, mask = maaf.fused_tokens(inputs[0], inputs[2], inputs[4])
+    pooled = modality_pool(fused, mask, 5)
+    expected = 2 * torch.sigmoid(pooled @ maaf.gate.proj.weight.T + maaf.gate.proj.bias) * inputs[1]
+    torch.testing.assert_close(maaf(*inputs), expected + maaf.out(pooled))
+
+
+def test_fusion_gate_is_a_model_setting_of_the_fusion_modules_only() -> None:
+    assert (
+        build_fusion_model(tiny_cfg("maaf").model_copy(update={"fusion_gate": True})).composer.gate
+        is not None
+    )
+    assert build_fusion_model(tiny_cfg("maaf")).composer.gate is None
+    with_flag = build_fusion_model(tiny_cfg("tirg").model_copy(update={"fusion_gate": True}))
+    assert with_flag.state_dict().keys() == build_fusion_model(tiny_cfg("tirg")).state_dict().keys()
+
+
 def test_composer_lr_scale_multiplies_only_the_composers_rate() -> None:
     from visuray.fusion.losses import FusionObjective
     from visuray.fusion.train import FusionTrainSection, optimizer_for

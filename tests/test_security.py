@@ -65,6 +65,8 @@ def ops_app(tmp_path_factory: pytest.TempPathFactory) -> OpsApp:
                 "fusion": None,
                 "attributes": None,
                 "embedder": {**base["embedder"], "num_replicas": 2, "max_ongoing_requests": 8},
+                # Uncached: each /v1/models asks the replicas, so the replica-kill test exercises it.
+                "models_cache_ttl_s": 0,
             }
         )
         # Serve's HTTP options are cluster-wide: start it on a free port unless it already runs.

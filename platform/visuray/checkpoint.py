@@ -13,6 +13,7 @@ and its manifest metadata says ``model_version`` (the artifact version), ``embed
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -89,31 +90,77 @@ def save_model(
     options: StorageOptions | None = None,
 ) -> Artifact:
     """Publish ``model`` (DDP-wrapped or not) as a new version of the model artifact at ``uri``."""
-    with ArtifactWriter(uri, MODEL_KIND, options) as writer:
-        writer.write_bytes(WEIGHTS_NAME, state_dict_bytes(model))
-        writer.write_text(MODEL_CONFIG_NAME, config_to_yaml(model_cfg))
-        if job_cfg is not None:
-            writer.write_text(JOB_CONFIG_NAME, config_to_yaml(job_cfg))
-        meta = {
-            "task": "embedding",
-            **dict(metadata or {}),
-            # Not overridable: these describe the files just written.
-            "model_version": writer.version,
+    return publish_weights(
+        uri,
+        MODEL_KIND,
+        model,
+        model_cfg,
+        task="embedding",
+        described={
             "embedding_dim": model_cfg.embedding_dim,
             "backbone": model_cfg.backbone.name,
             "img_size": model_cfg.backbone.img_size,
+        },
+        job_cfg=job_cfg,
+        metadata=metadata,
+        options=options,
+    )
+
+
+def publish_weights(
+    uri: str,
+    kind: str,
+    model: nn.Module,
+    model_cfg: BaseModel,
+    task: str,
+    described: Mapping[str, Any],
+    job_cfg: BaseModel | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    files: Mapping[str, str | bytes | Path] | None = None,
+    options: StorageOptions | None = None,
+    config_name: str = MODEL_CONFIG_NAME,
+) -> Artifact:
+    """A new version of a weights artifact of ``kind`` at ``uri`` (embedding, fusion and attribute models
+    share this layout): ``model.safetensors``, ``model_cfg`` as ``config_name`` (``model.yaml``),
+    ``config.yaml`` when ``job_cfg`` is given, and ``files`` (text, bytes, or a local file's path to copy).
+
+    Manifest metadata: ``task``, the caller's ``metadata``, then what cannot be overridden because it
+    describes the files just written: ``model_version``, ``described`` (dimensions, backbone, ...),
+    ``code_version`` and ``format``."""
+    with ArtifactWriter(uri, kind, options) as writer:
+        writer.write_bytes(WEIGHTS_NAME, state_dict_bytes(model))
+        writer.write_text(config_name, config_to_yaml(model_cfg))
+        if job_cfg is not None:
+            writer.write_text(JOB_CONFIG_NAME, config_to_yaml(job_cfg))
+        for name, content in (files or {}).items():
+            if isinstance(content, Path):
+                writer.put_file(name, content)
+            elif isinstance(content, bytes):
+                writer.write_bytes(name, content)
+            else:
+                writer.write_text(name, content)
+        meta = {
+            "task": task,
+            **dict(metadata or {}),
+            "model_version": writer.version,
+            **dict(described),
             "code_version": __version__,
             "format": "safetensors",
         }
         return writer.publish(meta)
 
 
+def resolve_kind(uri: str, kind: str, options: StorageOptions | None = None) -> Artifact:
+    """The published artifact at ``uri`` (root or version folder), refused unless it is of ``kind``."""
+    artifact = resolve_artifact(uri, options)
+    if artifact.manifest.kind != kind:
+        raise ArtifactError(f"{uri} is a {artifact.manifest.kind!r} artifact, not a {kind!r}")
+    return artifact
+
+
 def resolve_model(uri: str, options: StorageOptions | None = None) -> Artifact:
     """The published model artifact at ``uri`` (root or version folder); other kinds are refused."""
-    artifact = resolve_artifact(uri, options)
-    if artifact.manifest.kind != MODEL_KIND:
-        raise ArtifactError(f"{uri} is a {artifact.manifest.kind!r} artifact, not a {MODEL_KIND!r}")
-    return artifact
+    return resolve_kind(uri, MODEL_KIND, options)
 
 
 def read_model_config(artifact: Artifact) -> EmbeddingModelConfig:

@@ -19,10 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from visuray import __version__
 from visuray.attributes.model import AttributeModelConfig
-from visuray.config import ConfigError, config_to_yaml, validate_config, yaml_load
-from visuray.storage import Artifact, ArtifactError, ArtifactWriter, StorageOptions, resolve_artifact
+from visuray.config import ConfigError, validate_config, yaml_load
+from visuray.storage import Artifact, ArtifactError, StorageOptions
 
 if TYPE_CHECKING:
     from torch import nn
@@ -48,7 +47,7 @@ def save_attribute_model(
     options: StorageOptions | None = None,
 ) -> Artifact:
     """Publish ``model`` with its label names and thresholds as a new version at ``uri``."""
-    from visuray.checkpoint import state_dict_bytes
+    from visuray.checkpoint import publish_weights
 
     names = model_cfg.label_names
     if len(thresholds) != len(names):
@@ -58,36 +57,35 @@ def save_attribute_model(
         "groups": {g.name: g.labels for g in model_cfg.groups},
         "thresholds": {name: float(t) for name, t in zip(names, thresholds, strict=True)},
     }
-    with ArtifactWriter(uri, ATTRIBUTE_MODEL_KIND, options) as writer:
-        writer.write_bytes(WEIGHTS_NAME, state_dict_bytes(model))
-        writer.write_text(MODEL_CONFIG_NAME, config_to_yaml(model_cfg))
-        writer.write_text(LABELS_NAME, json.dumps(labels, indent=1))
-        if evaluation is not None:
-            writer.write_text(EVALUATION_NAME, json.dumps(evaluation, indent=1, default=float))
-        if roc_png is not None:
-            writer.put_file(ROC_NAME, roc_png)
-        if job_cfg is not None:
-            writer.write_text(JOB_CONFIG_NAME, config_to_yaml(job_cfg))
-        meta = {
-            "task": "attributes",
-            **dict(metadata or {}),
-            "model_version": writer.version,
+    files: dict[str, str | Path] = {LABELS_NAME: json.dumps(labels, indent=1)}
+    if evaluation is not None:
+        files[EVALUATION_NAME] = json.dumps(evaluation, indent=1, default=float)
+    if roc_png is not None:
+        files[ROC_NAME] = Path(roc_png)
+    return publish_weights(
+        uri,
+        ATTRIBUTE_MODEL_KIND,
+        model,
+        model_cfg,
+        task="attributes",
+        described={
             "backbone": model_cfg.backbone.name,
             "img_size": model_cfg.backbone.img_size,
             "head": model_cfg.head,
             "num_labels": len(names),
             "groups": [g.name for g in model_cfg.groups],
-            "code_version": __version__,
-            "format": "safetensors",
-        }
-        return writer.publish(meta)
+        },
+        job_cfg=job_cfg,
+        metadata=metadata,
+        files=files,
+        options=options,
+    )
 
 
 def resolve_attribute_model(uri: str, options: StorageOptions | None = None) -> Artifact:
-    artifact = resolve_artifact(uri, options)
-    if artifact.manifest.kind != ATTRIBUTE_MODEL_KIND:
-        raise ArtifactError(f"{uri} is a {artifact.manifest.kind!r} artifact, not {ATTRIBUTE_MODEL_KIND!r}")
-    return artifact
+    from visuray.checkpoint import resolve_kind
+
+    return resolve_kind(uri, ATTRIBUTE_MODEL_KIND, options)
 
 
 def read_attribute_model_config(artifact: Artifact) -> AttributeModelConfig:

@@ -54,14 +54,13 @@ def ranked_lists(
     return out
 
 
-def recall_from_rankings(
-    rankings: np.ndarray,
-    gallery_ids: Sequence[str],
-    relevant: Sequence[Sequence[str]],
-    categories: Sequence[str],
-    ks: Sequence[int] = (1, 10, 50),
-) -> dict[str, float]:
-    """Recall@k overall and per category from ranked gallery indices (-1 = no item)."""
+def first_hit_ranks(
+    rankings: np.ndarray, gallery_ids: Sequence[str], relevant: Sequence[Sequence[str]]
+) -> np.ndarray:
+    """0-based rank of each query's first relevant item in its ranked list; ``inf`` where none is listed.
+
+    Recall@k of one query is ``rank < k``; kept per query so that two models can be compared query by
+    query (paired bootstrap) rather than only by their averages."""
     ids = np.asarray(list(gallery_ids) + [""], dtype=object)  # index -1 maps to "" (never relevant)
     hit_rank = np.full(len(rankings), np.inf)
     for i, (row, rel) in enumerate(zip(rankings, relevant, strict=True)):
@@ -70,6 +69,18 @@ def recall_from_rankings(
             if gid in rel_set:
                 hit_rank[i] = rank
                 break
+    return hit_rank
+
+
+def recall_from_rankings(
+    rankings: np.ndarray,
+    gallery_ids: Sequence[str],
+    relevant: Sequence[Sequence[str]],
+    categories: Sequence[str],
+    ks: Sequence[int] = (1, 10, 50),
+) -> dict[str, float]:
+    """Recall@k overall and per category from ranked gallery indices (-1 = no item)."""
+    hit_rank = first_hit_ranks(rankings, gallery_ids, relevant)
     out: dict[str, float] = {}
     per_category: dict[str, list[int]] = defaultdict(list)
     for i, c in enumerate(categories):

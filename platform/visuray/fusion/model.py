@@ -19,10 +19,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from visuray import __version__
-from visuray.config import ConfigError, StrictModel, config_to_yaml, validate_config, yaml_load
+from visuray.config import ConfigError, StrictModel, validate_config, yaml_load
 from visuray.models.backbone import BackboneConfig
-from visuray.storage import Artifact, ArtifactError, ArtifactWriter, StorageOptions, resolve_artifact
+from visuray.storage import Artifact, StorageOptions
 
 if TYPE_CHECKING:
     from torch import nn
@@ -90,6 +89,12 @@ class FusionModelConfig(StrictModel):
         "encoder starts from random init; ~0.1 with a pretrained image encoder, so that the text at "
         "first only nudges a good image embedding",
     )
+    fusion_gate: bool = Field(
+        False,
+        description="maaf / residual only: also scale the image embedding, dimension by dimension, by a "
+        "gate read from the fused tokens (2 sigmoid(.), starting at 1), so the text can remove what it "
+        "replaces as well as add what it asks for",
+    )
     embed_dim: int = Field(128, gt=0, description="query/target embedding size, as the embedding models")
 
     @model_validator(mode="after")
@@ -121,6 +126,7 @@ def build_fusion_model(cfg: FusionModelConfig) -> nn.Module:
         heads=cfg.fusion_heads,
         dropout=cfg.fusion_dropout,
         residual_init_weight=cfg.residual_init_weight,
+        gate=cfg.fusion_gate,
     )
     return FusionModel(image_encoder, text_encoder, composer, cfg.embed_dim)
 
@@ -136,37 +142,34 @@ def save_fusion_model(
     options: StorageOptions | None = None,
 ) -> Artifact:
     """Publish ``model`` with its config and tokenizer as a new version of the artifact at ``uri``."""
-    from visuray.checkpoint import state_dict_bytes
+    from visuray.checkpoint import publish_weights
 
-    with ArtifactWriter(uri, FUSION_KIND, options) as writer:
-        writer.write_bytes(WEIGHTS_NAME, state_dict_bytes(model))
-        writer.write_text(MODEL_CONFIG_NAME, config_to_yaml(model_cfg))
-        writer.write_text(TOKENIZER_NAME, tokenizer.to_json())
-        if job_cfg is not None:
-            writer.write_text(JOB_CONFIG_NAME, config_to_yaml(job_cfg))
-        for name, text in (extra_files or {}).items():
-            writer.write_text(name, text)
-        meta = {
-            "task": "composed_retrieval",
-            **dict(metadata or {}),
-            "model_version": writer.version,
+    return publish_weights(
+        uri,
+        FUSION_KIND,
+        model,
+        model_cfg,
+        task="composed_retrieval",
+        described={
             "embedding_dim": model_cfg.embed_dim,
             "fusion": model_cfg.fusion,
             "fusion_depth": model_cfg.fusion_depth,
             "backbone": model_cfg.backbone.name,
             "img_size": model_cfg.backbone.img_size,
             "max_text_tokens": model_cfg.text.max_length,
-            "code_version": __version__,
-            "format": "safetensors",
-        }
-        return writer.publish(meta)
+        },
+        job_cfg=job_cfg,
+        metadata=metadata,
+        files={TOKENIZER_NAME: tokenizer.to_json(), **dict(extra_files or {})},
+        options=options,
+        config_name=MODEL_CONFIG_NAME,
+    )
 
 
 def resolve_fusion_model(uri: str, options: StorageOptions | None = None) -> Artifact:
-    artifact = resolve_artifact(uri, options)
-    if artifact.manifest.kind != FUSION_KIND:
-        raise ArtifactError(f"{uri} is a {artifact.manifest.kind!r} artifact, not a {FUSION_KIND!r}")
-    return artifact
+    from visuray.checkpoint import resolve_kind
+
+    return resolve_kind(uri, FUSION_KIND, options)
 
 
 def read_fusion_config(artifact: Artifact) -> FusionModelConfig:

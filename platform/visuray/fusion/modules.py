@@ -78,7 +78,64 @@ def modality_pool(tokens: torch.Tensor, mask: torch.Tensor, n_image: int) -> tor
     return 0.5 * (image.mean(dim=1) + masked_mean(text, text_mask))
 
 
-class MAAF(nn.Module):
+class PreservationGate(nn.Module):
+    """``2 sigmoid(W x + b) * image_embedding``, zero-initialised so that it starts as the identity.
+
+    The additive residual of MAAF / residual fusion must cancel what the text replaces (the old colour)
+    by subtraction; a per-dimension gate read from the fused tokens can also turn it down, as TIRG's gate
+    and VAL's "preservation" branch do on the image features."""
+
+    def __init__(self, width: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(width, embed_dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, fused: torch.Tensor, image_embedding: torch.Tensor) -> torch.Tensor:
+        return 2.0 * torch.sigmoid(self.proj(fused)) * image_embedding
+
+
+class JointTokenFusion(nn.Module):
+    """What MAAF and residual attention fusion share: project both modalities to ``width``, run them
+    through ``depth`` joint transformer layers (starting as the identity), and normalise the result;
+    with ``gate``, the image embedding they add their residual to goes through a
+    :class:`PreservationGate` first."""
+
+    min_depth = 0
+
+    def __init__(
+        self, image_width: int, text_width: int, width: int, depth: int, heads: int, dropout: float
+    ) -> None:
+        super().__init__()
+        if depth < self.min_depth:
+            raise ValueError(f"{type(self).__name__} needs fusion depth >= {self.min_depth}, got {depth}")
+        self.depth = depth
+        self.joint = JointTokens(image_width, text_width, width)
+        # depth 0: the tokens are read as projected (no joint layers).
+        self.layers = (
+            start_as_identity(transformer_layers(width, heads, depth, dropout)) if depth > 0 else None
+        )
+        self.norm = nn.LayerNorm(width)
+        self.gate: PreservationGate | None = None
+
+    def preserved(self, fused: torch.Tensor, image_embedding: torch.Tensor) -> torch.Tensor:
+        """The image embedding the residual is added to: gated by ``fused`` (B, width) when enabled."""
+        return image_embedding if self.gate is None else self.gate(fused, image_embedding)
+
+    def fused_tokens(
+        self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_padding_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised joint tokens (B, T + L, width), joint padding mask); image tokens first."""
+        tokens, mask = self.joint(image_tokens, text_tokens, text_padding_mask)
+        if self.layers is not None:
+            tokens = self.layers(tokens, src_key_padding_mask=mask)
+        return self.norm(tokens), mask
+
+
+class MAAF(JointTokenFusion):
+    # Without layers nothing would mix the modalities.
+    min_depth = 1
+
     def __init__(
         self,
         image_width: int,
@@ -88,23 +145,20 @@ class MAAF(nn.Module):
         depth: int,
         heads: int,
         dropout: float,
+        gate: bool = False,
     ) -> None:
-        super().__init__()
-        if depth < 1:
-            raise ValueError("MAAF needs fusion depth >= 1: without layers nothing mixes the modalities")
-        self.depth = depth
-        self.joint = JointTokens(image_width, text_width, width)
-        self.layers = start_as_identity(transformer_layers(width, heads, depth, dropout))
-        self.norm = nn.LayerNorm(width)
+        super().__init__(image_width, text_width, width, depth, heads, dropout)
         self.out = nn.Linear(width, embed_dim)
+        if gate:  # created last: without it, the other weights draw the same random numbers as before
+            self.gate = PreservationGate(width, embed_dim)
 
     def forward(self, image_tokens, image_embedding, text_tokens, text_pooled, text_padding_mask):  # noqa: ANN001, ANN201
-        tokens, mask = self.joint(image_tokens, text_tokens, text_padding_mask)
-        fused = self.norm(self.layers(tokens, src_key_padding_mask=mask))
-        return image_embedding + self.out(modality_pool(fused, mask, image_tokens.shape[1]))
+        fused, mask = self.fused_tokens(image_tokens, text_tokens, text_padding_mask)
+        pooled = modality_pool(fused, mask, image_tokens.shape[1])
+        return self.preserved(pooled, image_embedding) + self.out(pooled)
 
 
-class ResidualAttentionFusion(nn.Module):
+class ResidualAttentionFusion(JointTokenFusion):
     def __init__(
         self,
         image_width: int,
@@ -115,32 +169,24 @@ class ResidualAttentionFusion(nn.Module):
         heads: int,
         dropout: float,
         residual_init_weight: float,
+        gate: bool = False,
     ) -> None:
-        super().__init__()
-        if depth < 0:
-            raise ValueError("fusion depth must be >= 0")
-        self.depth = depth
-        self.joint = JointTokens(image_width, text_width, width)
-        # depth 0: the attention reads the projected tokens directly (no joint layers before it).
-        self.layers = (
-            start_as_identity(transformer_layers(width, heads, depth, dropout)) if depth > 0 else None
-        )
-        self.norm = nn.LayerNorm(width)
+        super().__init__(image_width, text_width, width, depth, heads, dropout)
         self.query = nn.Linear(embed_dim, width)
         self.attention = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
         self.out = nn.Linear(width, embed_dim)
         self.weight = nn.Parameter(torch.tensor(float(residual_init_weight)))
+        if gate:  # created last, as in MAAF
+            self.gate = PreservationGate(width, embed_dim)
 
     def forward(self, image_tokens, image_embedding, text_tokens, text_pooled, text_padding_mask):  # noqa: ANN001, ANN201
-        tokens, mask = self.joint(image_tokens, text_tokens, text_padding_mask)
-        if self.layers is not None:
-            tokens = self.layers(tokens, src_key_padding_mask=mask)
-        tokens = self.norm(tokens)
+        tokens, mask = self.fused_tokens(image_tokens, text_tokens, text_padding_mask)
         query = self.query(image_embedding).unsqueeze(1)
         image, text, text_mask = split_modalities(tokens, mask, image_tokens.shape[1])
         from_image, _ = self.attention(query, image, image, need_weights=False)
         from_text, _ = self.attention(query, text, text, key_padding_mask=text_mask, need_weights=False)
-        return image_embedding + self.weight * self.out((from_image + from_text).squeeze(1))
+        read = (from_image + from_text).squeeze(1)
+        return self.preserved(read, image_embedding) + self.weight * self.out(read)
 
 
 class ImageOnly(nn.Module):
@@ -214,13 +260,15 @@ def build_composer(
     heads: int,
     dropout: float,
     residual_init_weight: float,
+    gate: bool = False,
 ) -> nn.Module:
-    """The fusion module named ``fusion`` (one of :data:`FUSIONS`); depth applies to maaf and residual."""
+    """The fusion module named ``fusion`` (one of :data:`FUSIONS`); depth and ``gate`` (a
+    :class:`PreservationGate`) apply to maaf and residual."""
     if fusion == "maaf":
-        return MAAF(image_width, text_width, width, embed_dim, depth, heads, dropout)
+        return MAAF(image_width, text_width, width, embed_dim, depth, heads, dropout, gate)
     if fusion == "residual":
         return ResidualAttentionFusion(
-            image_width, text_width, width, embed_dim, depth, heads, dropout, residual_init_weight
+            image_width, text_width, width, embed_dim, depth, heads, dropout, residual_init_weight, gate
         )
     if fusion == "image_only":
         return ImageOnly()

@@ -472,6 +472,18 @@ def embed_queries(
     return np.concatenate(out)
 
 
+@dataclass
+class HeldOutEvaluation:
+    """What :func:`evaluate` measured: ``metrics`` keyed ``<split>/<metric>``, the report's
+    ``examples``, and per query (in ``queries`` order) the 0-based rank of its first relevant item
+    (``inf`` beyond the ranked depth), for query-by-query comparisons of models."""
+
+    metrics: dict[str, float]
+    examples: list[dict[str, Any]]
+    queries: list[ComposedQuery]
+    hit_ranks: Any  # np.ndarray (len(queries),)
+
+
 def evaluate(
     model: nn.Module,
     cache: ImageTensorCache,
@@ -479,13 +491,13 @@ def evaluate(
     data: FusionData,
     ev: EvalSection,
     split: str = "test",
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
+) -> HeldOutEvaluation:
     """Recall@k per category, (R@10+R@50)/2 and CFQ-style metrics on the held-out products; plus the
-    first ``ev.report_queries`` queries' top results (for the report). Keys are ``<split>/<metric>``."""
+    first ``ev.report_queries`` queries' top results (for the report) and each query's first-hit rank."""
     import numpy as np
 
     from visuray.fusion.datasets import labelled_pairs
-    from visuray.fusion.metrics import cfq_metrics, composed_recall
+    from visuray.fusion.metrics import cfq_metrics, composed_recall, first_hit_ranks
 
     was_training = model.training
     model.eval()
@@ -542,7 +554,12 @@ def evaluate(
         for i in _spread(len(queries), ev.report_queries)
     ]
     model.train(was_training)
-    return {f"{split}/{k}": v for k, v in metrics.items()}, examples
+    return HeldOutEvaluation(
+        metrics={f"{split}/{k}": v for k, v in metrics.items()},
+        examples=examples,
+        queries=list(queries),
+        hit_ranks=first_hit_ranks(rankings, gallery_ids, [q.relevant_ids for q in queries]),
+    )
 
 
 def _spread(count: int, n: int) -> list[int]:
@@ -660,7 +677,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             "train/queries_per_s": window["count"] * tc.batch_size * world_size / elapsed,
         }
         if validate and rank == 0:  # rank 0 holds every image; the other ranks report their losses only
-            val, _ = evaluate(unwrap_model(objective).model, cache, tokenizer, data, cfg.eval, split="val")
+            val = evaluate(
+                unwrap_model(objective).model, cache, tokenizer, data, cfg.eval, split="val"
+            ).metrics
             metrics |= {k: v for k, v in val.items() if k in validation_metric_names(cfg)}
         history.append(common.history_entry(metrics))
         if rank == 0:
@@ -701,7 +720,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         "history": history,
     }
     if rank == 0:
-        metrics, examples = evaluate(unwrap_model(objective).model, cache, tokenizer, data, cfg.eval)
+        held_out = evaluate(unwrap_model(objective).model, cache, tokenizer, data, cfg.eval)
+        metrics, examples = held_out.metrics, held_out.examples
         summary.update(
             metrics=metrics,
             examples=examples,
