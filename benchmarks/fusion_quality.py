@@ -360,11 +360,11 @@ def main() -> None:
         json.dumps([{"reference_id": q.reference_id, "kind": q.kind} for q in scored_queries])
     )
 
-    best_baseline = {k: max(r[k] for r in rows if r["model"] in BASELINES) for k in ("R@10", "R@50")}
+    baseline_rows = [r for r in rows if r["model"] in BASELINES]
     for row in rows:
-        if row["model"] not in BASELINES:
+        if row["model"] not in BASELINES and baseline_rows:  # a run of fusion rows only has no margins
             for k in ("R@10", "R@50"):
-                row[f"{k} - best baseline"] = row[k] - best_baseline[k]
+                row[f"{k} - best baseline"] = row[k] - max(r[k] for r in baseline_rows)
     margins = paired_margins(hit_ranks, [q.reference_id for q in scored_queries], seed=args.seed)
     for line in margins_table(margins):
         print(line)
