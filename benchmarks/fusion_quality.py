@@ -51,7 +51,7 @@ def parse_args() -> argparse.Namespace:
         nargs="+",
         metavar="OUT_DIR",
         help="train nothing: merge finished runs (e.g. one per seed, same rows) into a table of means and "
-        "paired margins pooled over all their queries",
+        "paired margins pooled over all their queries; A+B joins part-runs of one seed (same split)",
     )
     parser.add_argument("--out", default="runs/benchmarks/fusion_quality", help="results.json + report.html")
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per model (same for all)")
@@ -226,7 +226,15 @@ def summarise(run_dirs: list[str]) -> list[str]:
     the cluster ``i:<id>``: runs with other seeds split the catalog differently)."""
     import numpy as np
 
-    results = [json.loads((Path(d) / "results.json").read_text()) for d in run_dirs]
+    # "A+B+C": part-runs of one seed (other rows, same split and queries) read as one run.
+    groups = [[Path(part) for part in d.split("+")] for d in run_dirs]
+    for parts in groups:
+        if len({(p / "queries.json").read_text() for p in parts}) != 1:
+            raise SystemExit(f"{'+'.join(map(str, parts))}: the parts were scored on different queries")
+    results = [
+        {"rows": [r for p in parts for r in json.loads((p / "results.json").read_text())["rows"]]}
+        for parts in groups
+    ]
     names = [
         r["model"]
         for r in results[0]["rows"]
@@ -247,11 +255,14 @@ def summarise(run_dirs: list[str]) -> list[str]:
         )
     hit_ranks: dict[str, list[Any]] = {name: [] for name in names}
     clusters: list[str] = []
-    for i, d in enumerate(run_dirs):
-        with np.load(Path(d) / "hit_ranks.npz") as ranks:
-            for name in names:
-                hit_ranks[name].append(ranks[name])
-        clusters += [f"{i}:{q['reference_id']}" for q in json.loads((Path(d) / "queries.json").read_text())]
+    for i, parts in enumerate(groups):
+        ranks: dict[str, Any] = {}
+        for part in parts:
+            with np.load(part / "hit_ranks.npz") as saved:
+                ranks.update({name: saved[name] for name in saved.files})
+        for name in names:
+            hit_ranks[name].append(ranks[name])
+        clusters += [f"{i}:{q['reference_id']}" for q in json.loads((parts[0] / "queries.json").read_text())]
     pooled = {name: np.concatenate(parts) for name, parts in hit_ranks.items()}
     lines += ["", "paired margins, all runs' queries pooled (95% cluster-bootstrap interval):"]
     lines += margins_table(paired_margins(pooled, clusters))
