@@ -32,7 +32,6 @@ MODEL_CONFIG_NAME = "model.yaml"
 LABELS_NAME = "labels.json"
 EVALUATION_NAME = "evaluation.json"
 ROC_NAME = "roc.png"
-JOB_CONFIG_NAME = "config.yaml"
 
 
 def save_attribute_model(

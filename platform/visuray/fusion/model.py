@@ -32,7 +32,6 @@ FUSION_KIND = "fusion_model"
 WEIGHTS_NAME = "model.safetensors"
 MODEL_CONFIG_NAME = "fusion.yaml"
 TOKENIZER_NAME = "tokenizer.json"
-JOB_CONFIG_NAME = "config.yaml"
 TEXT_PREFIX = "text_encoder."
 
 FusionName = Literal["maaf", "residual", "image_only", "text_only", "concat", "tirg"]
