@@ -715,3 +715,75 @@ def test_index_hot_swap_under_concurrent_requests_drops_nothing(served: Served) 
     assert models["index"]["version"] == new.manifest.version
     assert models["model"]["version"] == served.model_version
     assert models["fusion"]["index"]["model_version"] == served.fusion_version
+
+
+# ------------------------------------------------------------------- Ray's throughput-optimised mode
+@pytest.mark.slow
+def test_throughput_optimised_mode_answers_directly_and_through_the_proxy(served: Served) -> None:
+    """``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (gRPC between deployments, user code on the replica's own
+    event loop, direct ingress to the router replica): ``visuray serve`` on its own embedded cluster
+    prints the router replica's direct address beside the proxy's, and both answer like the session's
+    application (numpy pixels, vectors and errors cross gRPC instead of Ray's actor calls)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    config = served.tmp / "throughput-optimised.yaml"
+    config.write_text(yaml.safe_dump(served.args.model_dump(mode="json")))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own cluster, not the session's
+    env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "visuray.cli",
+            "serve",
+            str(config),
+            "--port",
+            str(free_port()),
+            "--num-cpus",
+            "4",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    urls: dict[str, str] = {}
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 400
+        while "direct" not in urls and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break  # exited
+            lines.append(line)
+            if line.startswith("serving on "):
+                urls["proxy"] = line.split()[2]
+            elif line.startswith("direct ingress: "):
+                urls["direct"] = line.split()[2]
+        assert set(urls) == {"proxy", "direct"}, "".join(lines[-30:])
+        assert urls["direct"] != urls["proxy"]
+
+        image = served.records["item-5"].image
+        reference = reference_ensemble_vector(served, image)
+        for via, url in urls.items():
+            embedded = httpx.post(f"{url}/v1/embed", **multipart(image), timeout=60)
+            assert embedded.status_code == 200, (via, embedded.text)
+            np.testing.assert_allclose(embedded.json()["embedding"], reference, atol=1e-5)
+            found = httpx.post(f"{url}/v1/search", **multipart(image, k="3"), timeout=60).json()
+            assert found["results"][0]["item_id"] == "item-5", (via, found)
+            composed = httpx.post(f"{url}/v1/search/composed", **multipart(image, text="in red"), timeout=60)
+            attributes = httpx.post(f"{url}/v1/attributes", **multipart(image), timeout=60)
+            assert composed.status_code == 200 and attributes.status_code == 200, (via, composed.text)
+            assert_client_error(httpx.post(f"{url}/v1/search", **multipart(b"not an image"), timeout=60), 400)
+    finally:
+        proc.send_signal(signal.SIGINT)  # the CLI shuts Serve down; its embedded cluster ends with it
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

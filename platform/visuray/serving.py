@@ -240,6 +240,30 @@ def _serve_http_address(host: str, port: int) -> tuple[str, int]:
     return actual
 
 
+def direct_ingress_urls(name: str) -> list[str]:
+    """The router replicas' own HTTP addresses when Ray Serve's direct ingress is on, else ``[]``.
+
+    With ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (or ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``) in the environment
+    of every Ray node, each ingress (router) replica listens on a port of its own (30000 and up) and
+    requests sent there skip the proxy actor; the proxy keeps answering on the configured port (head
+    node only). Production puts a load balancer over these addresses (Serve's HAProxy mode does that).
+    """
+    import ray
+    from ray.serve.context import _get_global_client
+
+    # No public API lists the replicas' ports yet; the controller's target groups are what HAProxy reads.
+    # Without direct ingress they hold only the proxies, in groups that name no application. (The flag is
+    # read from the controller's answer, not this process's environment: a driver may have imported Serve
+    # before the cluster's environment was set.)
+    groups = ray.get(_get_global_client()._controller.get_target_groups.remote(name))
+    return [
+        f"http://{'127.0.0.1' if target.ip == ray.util.get_node_ip_address() else target.ip}:{target.port}"
+        for group in groups
+        if group.app_name == name and str(group.protocol.value).upper() == "HTTP"
+        for target in group.targets
+    ]
+
+
 def start_serve_app(
     args: ServeAppArgs,
     host: str = "127.0.0.1",
@@ -271,6 +295,9 @@ def start_serve_app(
         try:
             if httpx.get(f"{base_url}/healthz", timeout=5).status_code == 200:
                 log.info("Serve application %r answers at %s", name, base_url)
+                direct = direct_ingress_urls(name)
+                if direct:
+                    log.info("direct ingress (no proxy hop): %s", ", ".join(direct))
                 return base_url
             last_error = "healthz did not answer 200"
         except httpx.HTTPError as exc:
