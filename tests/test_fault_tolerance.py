@@ -471,3 +471,48 @@ def test_router_retries_a_dead_replica_and_answers_503_when_none_is_left() -> No
     response = asyncio.run(_replica_gone(None, ActorDiedError()))
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert json.loads(response.body)["error"]
+
+
+@pytest.mark.unit
+def test_models_answer_asks_a_dead_replicas_deployment_again() -> None:
+    """``/v1/models`` asks every deployment's ``info()`` the way the other routes call models. The
+    replica-kill test above polls it, but its polls did not reach the dying replica even with the retry
+    removed, so this pins the retry down without a cluster."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from ray.exceptions import ActorDiedError
+
+    from visuray.serving_router import Router
+
+    class Handle:
+        def __init__(self, info: dict[str, Any], failures: int) -> None:
+            self.info = self  # handle.info.remote(), as on a DeploymentHandle
+            self.answer, self.failures, self.calls = info, failures, 0
+
+        def remote(self) -> Any:
+            self.calls += 1
+            failing = self.calls <= self.failures
+
+            async def answer() -> dict[str, Any]:
+                if failing:
+                    raise ActorDiedError()
+                return self.answer
+
+            return answer()
+
+    class Items:
+        version = "c1"
+
+        def __len__(self) -> int:
+            return 3
+
+    embedder = Handle({"version": "m1", "dim": 8}, failures=1)  # its first replica died
+    search = Handle({"version": "i1", "count": 3}, failures=0)
+    router = SimpleNamespace(
+        embedder=embedder, search=search, fusion=None, composed_search=None, attributes=None, items=Items()
+    )
+    models = asyncio.run(Router.func_or_class._load_models(router))
+    assert models.model["version"] == "m1" and models.index["version"] == "i1"
+    assert models.catalog == {"version": "c1", "count": 3}
+    assert (embedder.calls, search.calls) == (2, 1)
