@@ -561,8 +561,8 @@ def compare(opts: argparse.Namespace) -> dict[str, Any]:
             # generators (children of this driver) stay at 0 so that no server starves its own client
             # (a closed loop is only as fast as its client).
             niceness = _ray_worker_niceness()
-            for proc, _ in baselines.values():
-                psutil.Process(proc.pid).nice(max(niceness, psutil.Process(proc.pid).nice()))
+            for server in (psutil.Process(proc.pid) for proc, _ in baselines.values()):
+                server.nice(max(niceness, server.nice()))
             out["niceness"] = {"servers": niceness, "load_generators": psutil.Process().nice()}
         targets = {**serve_urls, **{name: url for name, (_, url) in baselines.items()}}
         out["serve_sizes"] = {

@@ -295,9 +295,6 @@ def start_serve_app(
         try:
             if httpx.get(f"{base_url}/healthz", timeout=5).status_code == 200:
                 log.info("Serve application %r answers at %s", name, base_url)
-                direct = direct_ingress_urls(name)
-                if direct:
-                    log.info("direct ingress (no proxy hop): %s", ", ".join(direct))
                 return base_url
             last_error = "healthz did not answer 200"
         except httpx.HTTPError as exc:
