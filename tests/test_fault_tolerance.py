@@ -439,6 +439,28 @@ def test_file_torn_by_a_killed_writer_is_caught_by_its_checksum(tmp_path: Path) 
 
 
 # ----------------------------------------------------------------------------- router: dead replicas
+class FlakyRemote:
+    """A handle method whose first ``failures`` calls fail as if their replica had died; ``.info`` is the
+    method itself, so ``handle.info.remote()`` works as on a ``DeploymentHandle``."""
+
+    def __init__(self, failures: int, answer: Any) -> None:
+        self.info = self
+        self.failures, self.answer, self.calls = failures, answer, 0
+
+    def remote(self, *args: Any) -> Any:
+        from ray.exceptions import ActorDiedError
+
+        self.calls += 1
+        failing = self.calls <= self.failures
+
+        async def reply() -> Any:
+            if failing:
+                raise ActorDiedError()
+            return self.answer(*args)
+
+        return reply()
+
+
 @pytest.mark.unit
 def test_router_retries_a_dead_replica_and_answers_503_when_none_is_left() -> None:
     import asyncio
@@ -447,24 +469,9 @@ def test_router_retries_a_dead_replica_and_answers_503_when_none_is_left() -> No
 
     from visuray.serving_router import REPLICA_RETRIES, _replica_gone, call_with_retry
 
-    class Method:
-        def __init__(self, failures: int) -> None:
-            self.failures, self.calls = failures, 0
-
-        def remote(self, x: int) -> Any:
-            self.calls += 1
-            failing = self.calls <= self.failures
-
-            async def answer() -> int:
-                if failing:
-                    raise ActorDiedError()
-                return x * 2
-
-            return answer()
-
-    flaky = Method(failures=REPLICA_RETRIES)
+    flaky = FlakyRemote(REPLICA_RETRIES, lambda x: x * 2)
     assert asyncio.run(call_with_retry(flaky, 21)) == 42 and flaky.calls == REPLICA_RETRIES + 1
-    dead = Method(failures=100)
+    dead = FlakyRemote(100, lambda x: x * 2)
     with pytest.raises(ActorDiedError):
         asyncio.run(call_with_retry(dead, 1))
     assert dead.calls == REPLICA_RETRIES + 1
@@ -481,25 +488,7 @@ def test_models_answer_asks_a_dead_replicas_deployment_again() -> None:
     import asyncio
     from types import SimpleNamespace
 
-    from ray.exceptions import ActorDiedError
-
     from visuray.serving_router import Router
-
-    class Handle:
-        def __init__(self, info: dict[str, Any], failures: int) -> None:
-            self.info = self  # handle.info.remote(), as on a DeploymentHandle
-            self.answer, self.failures, self.calls = info, failures, 0
-
-        def remote(self) -> Any:
-            self.calls += 1
-            failing = self.calls <= self.failures
-
-            async def answer() -> dict[str, Any]:
-                if failing:
-                    raise ActorDiedError()
-                return self.answer
-
-            return answer()
 
     class Items:
         version = "c1"
@@ -507,8 +496,8 @@ def test_models_answer_asks_a_dead_replicas_deployment_again() -> None:
         def __len__(self) -> int:
             return 3
 
-    embedder = Handle({"version": "m1", "dim": 8}, failures=1)  # its first replica died
-    search = Handle({"version": "i1", "count": 3}, failures=0)
+    embedder = FlakyRemote(1, lambda: {"version": "m1", "dim": 8})  # its first replica died
+    search = FlakyRemote(0, lambda: {"version": "i1", "count": 3})
     router = SimpleNamespace(
         embedder=embedder, search=search, fusion=None, composed_search=None, attributes=None, items=Items()
     )

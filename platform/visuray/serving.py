@@ -256,8 +256,9 @@ def direct_ingress_urls(name: str) -> list[str]:
     # read from the controller's answer, not this process's environment: a driver may have imported Serve
     # before the cluster's environment was set.)
     groups = ray.get(_get_global_client()._controller.get_target_groups.remote(name))
+    here = ray.util.get_node_ip_address()
     return [
-        f"http://{'127.0.0.1' if target.ip == ray.util.get_node_ip_address() else target.ip}:{target.port}"
+        f"http://{'127.0.0.1' if target.ip == here else target.ip}:{target.port}"
         for group in groups
         if group.app_name == name and str(group.protocol.value).upper() == "HTTP"
         for target in group.targets
