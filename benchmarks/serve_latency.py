@@ -31,9 +31,10 @@ between rows measured in the same run mean anything.
 
 Niceness: Ray starts its workers (the Serve replicas) at nice 15, so ``compare`` renices the baseline
 servers to the same value and leaves the load generators at 0: servers compete on equal terms and none
-starves its client. ``--serve-env RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` runs Serve in Ray's
-throughput-optimised mode; its router replica then also answers on its own port (direct ingress, no proxy
+starves its client. Serve runs with the platform's settings (``visuray.cluster.RAY_ENV_DEFAULTS``): Ray's
+throughput-optimised mode, whose router replica also answers on its own port (direct ingress, no proxy
 hop), measured as the ``serve-direct`` target beside ``serve`` (through the proxy).
+``--serve-env RAY_SERVE_THROUGHPUT_OPTIMIZED=0`` measures Ray's default request path instead.
 
     python benchmarks/serve_latency.py prepare --catalog runs/catalogs/fashion-products \
         --work runs/benchmarks/serve/artifacts
@@ -428,7 +429,7 @@ def serve_args(prepared: dict[str, Any], opts: argparse.Namespace, embed_batch: 
 
 def deploy(prepared: dict[str, Any], opts: argparse.Namespace, embed_batch: int, port: int) -> dict[str, str]:
     """(Re)deploy the application; its URLs: ``serve`` through the proxy, ``serve-direct`` to the router
-    replica itself when direct ingress is on (``--serve-env RAY_SERVE_THROUGHPUT_OPTIMIZED=1``)."""
+    replica itself when direct ingress is on (the platform default)."""
     from ray import serve
 
     from visuray.serving import direct_ingress_urls, start_serve_app
@@ -478,11 +479,13 @@ def compare(opts: argparse.Namespace) -> dict[str, Any]:
     # Set before Ray is imported or started: the raylet, the Serve controller, proxy and replicas inherit
     # it, and Serve reads its feature flags when a process first imports it (this driver's handles too).
     os.environ.update(dict(pair.split("=", 1) for pair in opts.serve_env))
+    from visuray.cluster import apply_ray_env_defaults, embedded_cluster_options
+
+    apply_ray_env_defaults()  # the platform's own settings where --serve-env leaves them unset
     import numpy as np
     import ray
     from ray import serve
 
-    from visuray.cluster import embedded_cluster_options
     from visuray.images import decode_image, resize_max_side
 
     work = opts.work.absolute()
@@ -738,7 +741,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         nargs="+",
         default=[],
         metavar="NAME=VALUE",
-        help="environment for every process of the cluster, e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1",
+        help="environment for every process of the cluster, e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=0 for Serve's "
+        "default request path (the platform's settings otherwise)",
     )
     c.add_argument("--router-replicas", type=int, default=1)
     c.add_argument("--embed-replicas", type=int, default=1)

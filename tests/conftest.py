@@ -17,10 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from visuray.cluster import apply_ray_env_defaults
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# Ray reads this when it is first imported: on a loaded 2-core machine the dashboard of a new cluster (the
-# session's, or one a CLI subprocess starts) can take over Ray's default 60 s to come up.
-os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "180")
+# What the CLI sets before Ray is first imported (Ray Serve's throughput-optimised path, a longer wait for
+# a new cluster's dashboard), so that the tests run the request path users get. conftest is imported before
+# any test module, so before any of them imports Ray.
+apply_ray_env_defaults()
 # A Ray Train worker's report() waits until the controller's next poll of the workers (every 2 s by default)
 # has taken the previous one. The tests' runs are a few tiny steps reporting each step or two, so the default
 # paces them at 2 s a report, most of a run's time; polling every 0.2 s makes them wait on work instead.

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from visuray import infra
+from visuray.cluster import SERVE_ENV_DEFAULTS
 from visuray.config import read_yaml
 from visuray.jobspec import JOBS
 
@@ -165,7 +166,25 @@ def test_rayservice_embeds_the_serve_config(tmp_path):
     for app in embedded["applications"]:
         module = app["import_path"].split(":")[0]
         assert (REPO / (module.replace(".", "/") + ".py")).is_file(), module
-    assert service["spec"]["rayClusterConfig"] == infra.cluster_template(REPO)
+    # The template's pods, each Ray container also running Serve's throughput-optimised request path.
+    served_on = service["spec"]["rayClusterConfig"]
+    template = infra.cluster_template(REPO)
+    containers = [c for t in pod_templates(served_on) for c in t["spec"]["containers"]]
+    assert len(containers) == 3  # head, CPU workers, GPU workers
+    for container in containers:
+        assert env_of(container)["RAY_SERVE_THROUGHPUT_OPTIMIZED"]["value"] == "1"
+    assert infra.with_container_env(template, SERVE_ENV_DEFAULTS) == served_on
+    assert "RAY_SERVE_THROUGHPUT_OPTIMIZED" not in str(template)
+
+
+def test_container_env_keeps_the_templates_own_values():
+    template = infra.cluster_template(REPO)
+    spec = infra.with_container_env(template, {"RAY_AUTH_MODE": "none", "EXTRA": "x"})
+    for container in (c for t in pod_templates(spec) for c in t["spec"]["containers"]):
+        env = env_of(container)
+        assert env["EXTRA"]["value"] == "x"
+        assert env["RAY_AUTH_MODE"]["value"] == "token"  # the template's, not overridden
+    assert "EXTRA" not in str(template)  # the template itself is not modified
 
 
 def test_render_detects_drift_and_removes_stale_jobs(tmp_path):

@@ -720,10 +720,10 @@ def test_index_hot_swap_under_concurrent_requests_drops_nothing(served: Served) 
 # ------------------------------------------------------------------- Ray's throughput-optimised mode
 @pytest.mark.slow
 def test_throughput_optimised_mode_answers_directly_and_through_the_proxy(served: Served) -> None:
-    """``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (gRPC between deployments, user code on the replica's own
-    event loop, direct ingress to the router replica): ``visuray serve`` on its own embedded cluster
-    prints the router replica's direct address beside the proxy's, and both answer like the session's
-    application (numpy pixels, vectors and errors cross gRPC instead of Ray's actor calls)."""
+    """``visuray serve`` turns on ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` by default (gRPC between
+    deployments, user code on the replica's own event loop, direct ingress to the router replica): on its
+    own embedded cluster it prints the router replica's direct address beside the proxy's, and both answer
+    like the session's application (numpy pixels, vectors and errors cross gRPC instead of actor calls)."""
     import os
     import signal
     import subprocess
@@ -731,8 +731,8 @@ def test_throughput_optimised_mode_answers_directly_and_through_the_proxy(served
 
     config = served.tmp / "throughput-optimised.yaml"
     config.write_text(yaml.safe_dump(served.args.model_dump(mode="json")))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own cluster, not the session's
-    env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    # Its own cluster, not the session's; and the CLI's own default for the mode, not the session's.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_SERVE_THROUGHPUT_OPTIMIZED")}
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -787,3 +787,31 @@ def test_throughput_optimised_mode_answers_directly_and_through_the_proxy(served
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize(("before", "after", "warned"), [("0", "1", True), ("1", "1", False)])
+def test_a_serve_imported_before_its_mode_was_set_is_reported(before: str, after: str, warned: bool) -> None:
+    """Serve fixes its request path when imported; a deploying process that imported it under another
+    setting than its environment now asks for is told so (its handles would use the slower path)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import os, ray.serve\n"
+        f"os.environ['RAY_SERVE_THROUGHPUT_OPTIMIZED'] = {after!r}\n"
+        "from visuray.cluster import serve_env_mismatch\n"
+        "print(serve_env_mismatch())\n"
+    )
+    env = {**os.environ, "RAY_SERVE_THROUGHPUT_OPTIMIZED": before}
+    out = (
+        subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True, timeout=120
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    if warned:
+        assert "imported when it was off" in out and "before importing Ray" in out, out
+    else:
+        assert out == "None"

@@ -21,14 +21,20 @@ from pydantic import BaseModel
 from visuray import __version__
 from visuray.config import ConfigError, config_to_yaml, validate_config, yaml_load
 from visuray.models.embedding import EmbeddingModelConfig, build_embedding_model
-from visuray.storage import Artifact, ArtifactError, ArtifactWriter, StorageOptions, resolve_artifact
+from visuray.storage import (
+    WEIGHTS_NAME,
+    Artifact,
+    ArtifactError,
+    ArtifactWriter,
+    StorageOptions,
+    resolve_artifact,
+)
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 MODEL_KIND = "model"
-WEIGHTS_NAME = "model.safetensors"
 MODEL_CONFIG_NAME = "model.yaml"
 JOB_CONFIG_NAME = "config.yaml"
 BACKBONE_PREFIX = "backbone."

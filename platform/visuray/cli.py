@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from visuray.cluster import apply_ray_env_defaults
 from visuray.config import ConfigError, config_to_yaml, validate_config, yaml_load
 
 log = logging.getLogger("visuray")
@@ -367,9 +368,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    # Read by Ray when first imported (below, by the command): a new embedded cluster's dashboard, which
-    # Ray Train needs to free stopped runs' resources, can take over Ray's default 60 s on a busy machine.
-    os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "180")
+    # Read by Ray when first imported (below, by the command): Ray Serve's throughput-optimised path, a
+    # longer wait for a new embedded cluster's dashboard.
+    apply_ray_env_defaults()
     from visuray.errors import VisurayError
 
     try:

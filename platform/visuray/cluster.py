@@ -16,6 +16,53 @@ log = logging.getLogger(__name__)
 # Train V2 is the API Visuray is written against (ray.train.report / get_checkpoint semantics).
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
+# Ray Serve's throughput-optimised request path: each router replica also answers HTTP on a port of its
+# own (30000 and up, see ``visuray.serving.direct_ingress_urls``), deployments call each other over gRPC,
+# user code runs on the replica's own event loop. 2.8x the default path's /v1/search throughput on 2
+# cores, 1.4x through the proxy (benchmarks/README.md, serve_latency.py). "0" turns it off. Every Ray
+# node needs it (the KubeRay RayService sets it on each pod), and so does the process that deploys: the
+# deployment handles it pickles into the application carry the transport it chose on importing ray.serve.
+SERVE_ENV_DEFAULTS = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+# Settings Ray reads from the environment when a process first imports it, so they must be in place
+# before that import: in the process that starts an embedded cluster (every Ray process inherits them)
+# and in the one that deploys the Serve application. ``apply_ray_env_defaults`` sets the ones not set.
+RAY_ENV_DEFAULTS = {
+    # A new embedded cluster's dashboard, which Ray Train needs to free stopped runs' resources, can take
+    # over Ray's default 60 s to come up on a busy machine.
+    "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "180",
+    **SERVE_ENV_DEFAULTS,
+}
+
+
+def apply_ray_env_defaults() -> None:
+    """Put :data:`RAY_ENV_DEFAULTS` into this process's environment, keeping any value already set."""
+    for name, value in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
+def serve_env_mismatch() -> str | None:
+    """Why this process's Ray Serve runs another request path than its environment asks for, if it does.
+
+    Ray Serve fixes the throughput-optimised mode when it is imported; a process that imported it before
+    the variable was set builds deployment handles for the default path, which still work but forgo most
+    of the mode's gain (half its throughput, measured) while the cluster's replicas run in the mode.
+    """
+    import sys
+
+    constants = sys.modules.get("ray.serve._private.constants")
+    if constants is None:
+        return None
+    wanted = os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1"  # as Serve reads it: "1" or off
+    imported = bool(getattr(constants, "RAY_SERVE_THROUGHPUT_OPTIMIZED", False))
+    if wanted == imported:
+        return None
+    return (
+        f"RAY_SERVE_THROUGHPUT_OPTIMIZED is {os.environ.get('RAY_SERVE_THROUGHPUT_OPTIMIZED')!r} but "
+        f"ray.serve was imported when it was {'on' if imported else 'off'}: set it before importing Ray "
+        "(visuray.cluster.apply_ray_env_defaults() does)"
+    )
+
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> None:
     """Initialise Ray once: connect to ``address`` (or ``RAY_ADDRESS``), else start an embedded cluster.

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from visuray.cluster import SERVE_ENV_DEFAULTS
 from visuray.config import read_yaml
 from visuray.jobspec import job_kind
 
@@ -136,15 +137,27 @@ def render_rayjob(spec: Path, cluster_spec: dict[str, Any], repo: Path = REPO_RO
     }
 
 
+def with_container_env(cluster_spec: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    """A copy of ``cluster_spec`` whose every Ray container (head and workers) also has ``env``; a
+    variable the template already sets keeps the template's value."""
+    spec = copy.deepcopy(cluster_spec)
+    groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+    for container in (c for group in groups for c in group["template"]["spec"]["containers"]):
+        present = {entry["name"] for entry in container.setdefault("env", [])}
+        container["env"] += [{"name": k, "value": v} for k, v in env.items() if k not in present]
+    return spec
+
+
 def render_rayservice(serve_config_text: str, cluster_spec: dict[str, Any]) -> dict[str, Any]:
-    """The RayService whose ``serveConfigV2`` is the Serve config file's text, verbatim."""
+    """The RayService whose ``serveConfigV2`` is the Serve config file's text, verbatim, on pods that run
+    Ray Serve's throughput-optimised request path (:data:`visuray.cluster.SERVE_ENV_DEFAULTS`)."""
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
         "metadata": {"name": "visuray", "labels": _labels("rayservice")},
         "spec": {
             "serveConfigV2": serve_config_text,
-            "rayClusterConfig": copy.deepcopy(cluster_spec),
+            "rayClusterConfig": with_container_env(cluster_spec, SERVE_ENV_DEFAULTS),
         },
     }
 

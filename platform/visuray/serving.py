@@ -280,6 +280,12 @@ def start_serve_app(
     Call :func:`visuray.cluster.ensure_ray` first. Serve's HTTP options are cluster-wide and fixed when
     Serve first starts: a Serve instance already running keeps its host and port.
     """
+    from visuray.cluster import serve_env_mismatch
+
+    mismatch = serve_env_mismatch()  # before this function's own import of ray.serve settles it
+    if mismatch:
+        log.warning("%s", mismatch)
+
     import httpx
     from ray import serve
 

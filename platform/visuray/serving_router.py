@@ -27,7 +27,9 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from visuray.config import StrictModel
 from visuray.images import ImageDecodeError, decode_image, resize_max_side
@@ -145,24 +147,50 @@ async def _replica_gone(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-@api.middleware("http")
-async def _guard_and_measure(request: Request, call_next: Any) -> Response:
-    """API keys (when configured) before anything is read, then per-request metrics."""
-    scope_path, root = request.scope["path"], request.scope.get("root_path", "")
-    path = scope_path[len(root) :] if root and scope_path.startswith(root) else scope_path
-    guard: ApiKeyGuard | None = getattr(request.app.state, "api_key_guard", None)
-    started = time.perf_counter()
-    denial = guard.denial(path or "/", request.headers) if guard is not None else None
-    if denial is not None:
-        response: Response = JSONResponse(
-            {"error": denial}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
-        )
-    else:
-        response = await call_next(request)
-    metrics = getattr(request.app.state, "metrics", None)
-    if metrics is not None:
-        metrics.record(path or "/", response.status_code, time.perf_counter() - started)
-    return response
+class GuardAndMeasure:
+    """API keys (when configured) before anything is read, then per-request metrics.
+
+    Plain ASGI rather than ``@api.middleware("http")``: Starlette's ``BaseHTTPMiddleware`` runs every
+    request's route in a task of its own and passes its response through a memory stream. The time
+    recorded runs to the last byte sent; a request that raises is recorded as the 500 the client gets.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope["app"].state
+        root, scope_path = scope.get("root_path", ""), scope["path"]
+        path = (scope_path[len(root) :] if root and scope_path.startswith(root) else scope_path) or "/"
+        started = time.perf_counter()
+        guard: ApiKeyGuard | None = getattr(state, "api_key_guard", None)
+        denial = guard.denial(path, Headers(scope=scope)) if guard is not None else None
+        status = 500
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if denial is not None:
+                refusal = JSONResponse(
+                    {"error": denial}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+                )
+                await refusal(scope, receive, send_noting_status)
+            else:
+                await self.app(scope, receive, send_noting_status)
+        finally:
+            metrics: ServeMetrics | None = getattr(state, "metrics", None)
+            if metrics is not None:
+                metrics.record(path, status, time.perf_counter() - started)
+
+
+api.add_middleware(GuardAndMeasure)
 
 
 async def call_with_retry(method: Any, *args: Any) -> Any:

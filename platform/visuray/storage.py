@@ -40,6 +40,8 @@ from visuray.errors import VisurayError
 MANIFEST_NAME = "MANIFEST.json"
 LATEST_NAME = "LATEST"
 VERSIONS_DIR = "versions"
+# The weights file of every model artifact (embedding, fusion, attribute models), in safetensors format.
+WEIGHTS_NAME = "model.safetensors"
 _CHUNK = 4 << 20
 
 

@@ -21,13 +21,12 @@ from pydantic import BaseModel
 
 from visuray.attributes.model import AttributeModelConfig
 from visuray.config import ConfigError, validate_config, yaml_load
-from visuray.storage import Artifact, ArtifactError, StorageOptions
+from visuray.storage import WEIGHTS_NAME, Artifact, ArtifactError, StorageOptions
 
 if TYPE_CHECKING:
     from torch import nn
 
 ATTRIBUTE_MODEL_KIND = "attribute_model"
-WEIGHTS_NAME = "model.safetensors"
 MODEL_CONFIG_NAME = "model.yaml"
 LABELS_NAME = "labels.json"
 EVALUATION_NAME = "evaluation.json"

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from visuray.config import ConfigError, StrictModel, validate_config, yaml_load
 from visuray.models.backbone import BackboneConfig
-from visuray.storage import Artifact, StorageOptions
+from visuray.storage import WEIGHTS_NAME, Artifact, StorageOptions
 
 if TYPE_CHECKING:
     from torch import nn
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from visuray.fusion.tokenizer import TextTokenizer
 
 FUSION_KIND = "fusion_model"
-WEIGHTS_NAME = "model.safetensors"
 MODEL_CONFIG_NAME = "fusion.yaml"
 TOKENIZER_NAME = "tokenizer.json"
 TEXT_PREFIX = "text_encoder."

@@ -10,10 +10,9 @@ import logging
 import time
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, model_validator
 
-from visuray.config import StrictModel
+from visuray.config import StrictModel, config_to_yaml
 from visuray.index.embed import FusionTargets
 from visuray.index.ensemble import EnsembleSpec, ensemble_spec
 from visuray.storage import StorageOptions
@@ -91,11 +90,6 @@ class BuildIndexConfig(StrictModel):
         return ensemble_spec(self.model, self.ensemble, "build_index")
 
 
-def _resolved_config_yaml(cfg: BuildIndexConfig) -> bytes:
-    data = cfg.model_dump(mode="json", exclude={"storage": {"key", "secret"}})
-    return yaml.safe_dump(data, sort_keys=False).encode()
-
-
 def run_build_index(cfg: BuildIndexConfig) -> dict[str, Any]:
     """Embed, build, publish; returns a summary (index version and URI, counts, timings)."""
     from visuray.cluster import ensure_ray
@@ -149,7 +143,7 @@ def run_build_index(cfg: BuildIndexConfig) -> dict[str, Any]:
             "num_skipped": len(embedded.skipped),
             "skipped": dict(list(embedded.skipped.items())[:100]),  # a sample, enough to diagnose
         },
-        extra_files={JOB_CONFIG_NAME: _resolved_config_yaml(cfg)},
+        extra_files={JOB_CONFIG_NAME: config_to_yaml(cfg).encode()},
     )
     meta = artifact.manifest.metadata
     return {
