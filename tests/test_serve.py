@@ -789,6 +789,24 @@ def test_throughput_optimised_mode_answers_directly_and_through_the_proxy(served
             proc.wait()
 
 
+def test_the_test_session_serves_on_the_throughput_optimised_path(served: Served) -> None:
+    """conftest turns the mode on before anything imports Ray, as the CLI does: the session's application
+    runs it (its router replica answers on a port of its own, like the proxy) and this driver's Serve was
+    imported with it, so the other Serve tests exercise the path users get."""
+    from ray.serve._private import constants
+
+    from visuray.cluster import serve_env_mismatch
+    from visuray.serving import direct_ingress_urls
+
+    assert constants.RAY_SERVE_THROUGHPUT_OPTIMIZED and serve_env_mismatch() is None
+    (direct,) = direct_ingress_urls("visuray-test")  # the shared application has one router replica
+    assert direct != served.url
+    image = served.records["item-5"].image
+    answers = [httpx.post(f"{url}/v1/embed", **multipart(image), timeout=60) for url in (direct, served.url)]
+    assert [a.status_code for a in answers] == [200, 200]
+    assert answers[0].json() == answers[1].json()
+
+
 @pytest.mark.parametrize(("before", "after", "warned"), [("0", "1", True), ("1", "1", False)])
 def test_a_serve_imported_before_its_mode_was_set_is_reported(before: str, after: str, warned: bool) -> None:
     """Serve fixes its request path when imported; a deploying process that imported it under another
