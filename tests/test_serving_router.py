@@ -156,3 +156,68 @@ def test_shows_index_version_compares_the_deployment_that_answered() -> None:
     assert shows_index_version(both, "composed_search", "composed-1")
     assert not shows_index_version(both, "composed_search", "composed-2")
     assert not shows_index_version(models_answer("idx-1", None), "composed_search", "composed-1")
+
+
+class RecordedMetrics:
+    """What the router's middleware records, kept in a list (the real ServeMetrics needs a Serve replica)."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, int]] = []
+
+    def record(self, route: str, status: int, seconds: float) -> None:
+        assert seconds >= 0
+        self.records.append((route, status))
+
+
+def test_guard_and_measure_records_every_answer_and_refuses_without_a_key() -> None:
+    """The plain-ASGI middleware: a 401 before the route runs when keys are required, the status the
+    client got for every request (a route that raises counts as the 500 it becomes), paths under a root
+    path recorded without it."""
+    import httpx
+    from fastapi import FastAPI
+
+    from visuray.security import OPEN_PATHS, ApiKeyGuard
+    from visuray.serving_router import GuardAndMeasure
+
+    app = FastAPI()
+    ran: list[str] = []
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/ok")
+    async def ok() -> dict[str, str]:
+        ran.append("ok")
+        return {"ok": "yes"}
+
+    @app.get("/v1/broken")
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_middleware(GuardAndMeasure)
+    app.state.api_key_guard = ApiKeyGuard(("secret-key",), OPEN_PATHS)
+    app.state.metrics = metrics = RecordedMetrics()
+
+    async def scenario() -> list[int]:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False, root_path="/api")
+        async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
+            key = {"X-API-Key": "secret-key"}
+            answers = [
+                await client.get("/api/healthz"),
+                await client.get("/api/v1/ok"),
+                await client.get("/api/v1/ok", headers={"X-API-Key": "wrong"}),
+                await client.get("/api/v1/ok", headers=key),
+                await client.get("/api/v1/broken", headers=key),
+            ]
+            return [a.status_code for a in answers]
+
+    assert asyncio.run(scenario()) == [200, 401, 401, 200, 500]
+    assert ran == ["ok"]  # the refused requests never reached the route
+    assert metrics.records == [
+        ("/healthz", 200),
+        ("/v1/ok", 401),
+        ("/v1/ok", 401),
+        ("/v1/ok", 200),
+        ("/v1/broken", 500),
+    ]
