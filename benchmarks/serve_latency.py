@@ -266,17 +266,24 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
 async def closed_loop(
     url: str, route: str, images: Sequence[bytes], concurrency: int, warmup_s: float, duration_s: float
 ) -> dict[str, Any]:
-    """``concurrency`` clients, each sending its next request when the previous answer arrives."""
+    """``concurrency`` clients, each sending its next request when the previous answer arrives.
+
+    ``url`` may list several servers separated by commas (the router replicas' direct-ingress addresses):
+    client ``n`` keeps its connection to the ``n``-th of them, round robin, as a load balancer would.
+    """
     from urllib.parse import urlsplit
 
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    uploads = route in ("/v1/search", "/v1/embed")
-    payloads = (
-        [request_bytes(host, port, route, im) for im in images]
-        if uploads
-        else [request_bytes(host, port, route, None)]
-    )
+    servers = []
+    for one in url.split(","):
+        parts = urlsplit(one)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 80
+        uploads = route in ("/v1/search", "/v1/embed")
+        payloads = (
+            [request_bytes(host, port, route, im) for im in images]
+            if uploads
+            else [request_bytes(host, port, route, None)]
+        )
+        servers.append((host, port, payloads))
     start = time.perf_counter()
     window = (start + warmup_s, start + warmup_s + duration_s)
     latencies: list[float] = []
@@ -284,6 +291,7 @@ async def closed_loop(
     failures: list[str] = []
 
     async def client(n: int) -> None:
+        host, port, payloads = servers[n % len(servers)]
         reader, writer = await asyncio.open_connection(host, port)
         i = n
         try:
@@ -428,8 +436,8 @@ def serve_args(prepared: dict[str, Any], opts: argparse.Namespace, embed_batch: 
 
 
 def deploy(prepared: dict[str, Any], opts: argparse.Namespace, embed_batch: int, port: int) -> dict[str, str]:
-    """(Re)deploy the application; its URLs: ``serve`` through the proxy, ``serve-direct`` to the router
-    replica itself when direct ingress is on (the platform default)."""
+    """(Re)deploy the application; its URLs: ``serve`` through the proxy, ``serve-direct`` straight to the
+    router replicas (comma-separated, one per replica) when direct ingress is on (the platform default)."""
     from ray import serve
 
     from visuray.serving import direct_ingress_urls, start_serve_app
@@ -440,7 +448,7 @@ def deploy(prepared: dict[str, Any], opts: argparse.Namespace, embed_batch: int,
     urls = {"serve": start_serve_app(args, port=port, name=APP_NAME, access_log=False)}
     direct = direct_ingress_urls(APP_NAME)
     if direct:
-        urls["serve-direct"] = direct[0]  # one router replica per run unless --router-replicas says more
+        urls["serve-direct"] = ",".join(direct)  # every router replica, the load spread over them
     return urls
 
 
@@ -787,7 +795,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     b.add_argument("--device", default="cpu", help="where the model runs: cpu or cuda")
 
     g = sub.add_parser("load", help="closed-loop load against a running app")
-    g.add_argument("--url", default="http://127.0.0.1:8000")
+    g.add_argument("--url", default="http://127.0.0.1:8000", help="several separated by commas: round robin")
     g.add_argument("--route", default="/v1/search")
     g.add_argument("--queries", type=Path, required=True, help="folder of query .jpg files")
     g.add_argument("--concurrency", type=int, default=8)
