@@ -605,7 +605,7 @@ def compare(opts: argparse.Namespace) -> dict[str, Any]:
                     out["search"].append({"target": name, "round": round_, **r})
                     print(_line(name, r), flush=True)
                     save()
-                for route in ("/healthz", "/v1/models"):
+                for route in ("/healthz", "/v1/models") if opts.overhead_window > 0 else ():
                     r = _load_in_subprocess(targets[name], route, queries, 1, 1.0, opts.overhead_window)
                     out["overhead"].append({"target": name, "round": round_, **r})
                     print(_line(name, r), flush=True)
@@ -736,7 +736,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     c.add_argument("--rounds", type=int, default=2, help="search rounds; the order alternates")
     c.add_argument("--warmup", type=float, default=4.0, help="seconds discarded before each window")
     c.add_argument("--window", type=float, default=15.0, help="seconds counted per measurement")
-    c.add_argument("--overhead-window", type=float, default=6.0)
+    c.add_argument(
+        "--overhead-window", type=float, default=6.0, help="0 skips the router-overhead measurement"
+    )
     c.add_argument(
         "--baselines",
         nargs="+",
@@ -804,6 +806,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     g.add_argument("--json", action="store_true", help="print one JSON line only")
 
     opts = parser.parse_args(argv)
+    if getattr(opts, "window", 1.0) <= 0:
+        parser.error("--window must be positive: answers are counted over it")
     if opts.command == "prepare":
         prepare(opts.catalog, opts.work, opts.preset, opts.queries, opts.max_items, opts.seed)
     elif opts.command == "compare":
