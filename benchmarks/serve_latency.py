@@ -273,17 +273,12 @@ async def closed_loop(
     """
     from urllib.parse import urlsplit
 
+    bodies: Sequence[bytes | None] = images if route in ("/v1/search", "/v1/embed") else [None]
     servers = []
     for one in url.split(","):
         parts = urlsplit(one)
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
-        uploads = route in ("/v1/search", "/v1/embed")
-        payloads = (
-            [request_bytes(host, port, route, im) for im in images]
-            if uploads
-            else [request_bytes(host, port, route, None)]
-        )
-        servers.append((host, port, payloads))
+        servers.append((host, port, [request_bytes(host, port, route, body) for body in bodies]))
     start = time.perf_counter()
     window = (start + warmup_s, start + warmup_s + duration_s)
     latencies: list[float] = []

@@ -193,7 +193,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import time
 
     from visuray.cluster import ensure_ray
-    from visuray.serving import ServeAppArgs, direct_ingress_urls, start_serve_app
+    from visuray.serving import APP_NAME, ServeAppArgs, direct_ingress_urls, start_serve_app
 
     data: dict[str, Any] = {}
     if args.config:
@@ -207,7 +207,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     ensure_ray(num_cpus=args.num_cpus)
     url = start_serve_app(app_args, host=args.host, port=args.port)
     print(f"serving on {url} (Ctrl-C to stop)", flush=True)
-    for direct in direct_ingress_urls("visuray"):  # RAY_SERVE_THROUGHPUT_OPTIMIZED=1: no proxy hop there
+    for direct in direct_ingress_urls(APP_NAME):  # RAY_SERVE_THROUGHPUT_OPTIMIZED=1: no proxy hop there
         print(f"direct ingress: {direct}", flush=True)
     try:
         while True:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,6 @@ def serve_env_mismatch() -> str | None:
     the variable was set builds deployment handles for the default path, which still work but forgo most
     of the mode's gain (half its throughput, measured) while the cluster's replicas run in the mode.
     """
-    import sys
-
     constants = sys.modules.get("ray.serve._private.constants")
     if constants is None:
         return None

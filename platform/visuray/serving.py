@@ -240,6 +240,10 @@ def _serve_http_address(host: str, port: int) -> tuple[str, int]:
     return actual
 
 
+# The application `visuray serve` and the demo deploy (Serve's application name and its route namespace).
+APP_NAME = "visuray"
+
+
 def direct_ingress_urls(name: str) -> list[str]:
     """The router replicas' own HTTP addresses when Ray Serve's direct ingress is on, else ``[]``.
 
@@ -269,7 +273,7 @@ def start_serve_app(
     args: ServeAppArgs,
     host: str = "127.0.0.1",
     port: int = 8000,
-    name: str = "visuray",
+    name: str = APP_NAME,
     timeout_s: float = 180.0,
     access_log: bool = True,
 ) -> str:
