@@ -19,7 +19,7 @@ Protocol
   build_index job does per run after ``ensure_ray``: resolving the model and catalog, planning the
   Dataset, starting the actor pool (worker processes, imports, model load), reading, repartitioning,
   embedding, collecting and sorting. Settings ``CxT`` = ``concurrency`` C actors of ``num_cpus_per_actor``
-  T (T torch threads each): ``1x1`` is the job's default (``jobs/configs/build_index_vit_tiny.yaml``).
+  T (T torch threads each): ``1x1`` is the job's default (``jobs/configs/build_index_lite0.yaml``).
 - Order: one untimed warm-up of every method (file cache, imports, Ray worker pool; ``--skip-ray-warmup``
   warms up the torch loop only), then ``--rounds`` rounds of torch, ray settings..., alternating. Reported: images/s per run, the median per method, and
   the median of the per-round ratios ray / torch. The embeddings of every run are compared with the torch

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO / "jobs" / "configs" / "pretrain_vit_tiny.yaml"
+DEFAULT_CONFIG = REPO / "jobs" / "configs" / "pretrain_lite0.yaml"
 # ViT-S/16 with the job's default DINO head; small images and batch keep activations (not measured
 # here) small. depth=null takes the architecture's 12 blocks.
 DEFAULT_SET = [

@@ -5,7 +5,7 @@ single-process PyTorch loop of the same model, batch and crops, and what do 2 wo
 
 Protocol
 --------
-Config: ``jobs/configs/pretrain_vit_tiny.yaml`` (ViT-tiny, DINO head, multi-crop, AdamW, ZeRO stage of
+Config: ``jobs/configs/pretrain_lite0.yaml`` (ViT-tiny, DINO head, multi-crop, AdamW, ZeRO stage of
 the YAML) with the catalog, the step count and ``--set`` overrides applied (by default only the batch:
 32 images per worker, each giving 2 global 32 px and 2 local 16 px crops; 2 ViT blocks; a step of about
 0.4 CPU-seconds). Final report and checkpoint only at the last step
@@ -77,7 +77,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO / "jobs" / "configs" / "pretrain_vit_tiny.yaml"
+DEFAULT_CONFIG = REPO / "jobs" / "configs" / "pretrain_lite0.yaml"
 # The YAML's model and crops (32 px global, 2 x 16 px local, 2 blocks) at batch 32: about 0.4 CPU-s a step.
 DEFAULT_SET = ["train.batch_size_per_worker=32"]
 PHASES = ("data", "decode", "crop", "forward", "backward", "step", "ema")

@@ -16,7 +16,7 @@ Questions:
    app's equivalent routes.
 
 Protocol. ``prepare`` publishes a randomly initialised embedding model (speed does not depend on the
-weights; the preset ``served`` is the architecture of ``jobs/configs/finetune_vit_tiny.yaml``, which
+weights; the preset ``served`` is the architecture of ``jobs/configs/finetune_lite0.yaml``, which
 ``serve/config.yaml`` serves) and a flat inner-product index of every photo of an ingested catalog, and
 writes 64 catalog photos as query files. ``compare`` starts an embedded Ray cluster with the Serve
 application (fixed replica counts, no autoscaling, fusion and attributes left out: they are not on the
@@ -59,7 +59,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# The architecture serve/config.yaml serves (jobs/configs/finetune_vit_tiny.yaml), and the full ViT-tiny
+# The architecture serve/config.yaml serves (jobs/configs/finetune_lite0.yaml), and the full ViT-tiny
 # for a model whose forward pass, not the HTTP path, dominates a request.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "served": {

@@ -9,7 +9,7 @@ no validation or test type is ever trained on, and the sweep never sees a test p
 are written: train (at most ``--per-class`` photos per type), val and test (at most ``--per-class-eval``).
 
 The sweep (``jobs/configs/sweep_finetune_margin.yaml``, paths and budget overridden here): the finetune
-job (``jobs/configs/finetune_vit_tiny.yaml``: ViT-tiny, 2 blocks, 64 px, P x K = 8 x 4) with the triplet
+job (``jobs/configs/finetune_lite0.yaml``: ViT-tiny, 2 blocks, 64 px, P x K = 8 x 4) with the triplet
 loss, ``loss.margin`` log-uniform in [0.02, 0.5] and ``loss.miner`` in {batch_all, batch_hard,
 semi_hard}; ``--trials`` trials drawn with seed 0, each trained for ``--steps`` steps and validated
 every ``--val-every`` steps (leave-one-out Recall@1 / MAP@R on the validation catalog); ranked by
@@ -18,7 +18,7 @@ every ``--val-every`` steps (leave-one-out Recall@1 / MAP@R on the validation ca
 
 Reported: per sweep, the steps trained in total, the wall time, the best trial and its validation MAP@R
 (compute to reach the best: ASHA against no early stopping, same trials). Then the test split: the
-ASHA sweep's best model and the default config (``finetune_vit_tiny.yaml``'s multi-similarity loss,
+ASHA sweep's best model and the default config (``finetune_lite0.yaml``'s multi-similarity loss,
 same budget, trained by the same job) against raw pixels, leave-one-out Recall@1 / MAP@R on test types.
 
 Run:  python benchmarks/sweep_margin.py /work/shared/data/fashion-products [--work runs/bench-sweep]
@@ -121,7 +121,7 @@ def train_default(catalogs: dict, work: Path, args: Any) -> str:
     output = work / "model-default"
     if not (output / "LATEST").exists():
         kind, cfg = load_job_spec(
-            REPO / "jobs/configs/finetune_vit_tiny.yaml",
+            REPO / "jobs/configs/finetune_lite0.yaml",
             [
                 *sweep_overrides(catalogs, work, args),
                 f"output={output}",

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.tiny import tiny_vit_overrides
 from visuray.attributes.export import load_attribute_model
 from visuray.attributes.predict import AttributePredictor
 from visuray.attributes.train import AttributeTrainConfig, run_train_attributes
@@ -63,8 +64,7 @@ def job_config(tmp_path: Path, *overrides: str) -> AttributeTrainConfig:
     }
     base = [
         "name=test-attributes",
-        "model.backbone.img_size=32",
-        "model.backbone.depth=2",
+        *tiny_vit_overrides(),
         "model.embed_dim=16",
         "split.val_fraction=0.2",
         "split.test_fraction=0.25",
@@ -83,7 +83,7 @@ def job_config(tmp_path: Path, *overrides: str) -> AttributeTrainConfig:
 
 
 def test_the_shipped_configs_validate() -> None:
-    for name in ("train_attributes_vit_tiny.yaml", "train_attributes_vit_tiny_baseline.yaml"):
+    for name in ("train_attributes_lite0.yaml", "train_attributes_lite0_baseline.yaml"):
         kind, cfg = load_job_spec(Path(__file__).parent.parent / "jobs" / "configs" / name)
         assert kind.name == "train_attributes" and isinstance(cfg, AttributeTrainConfig)
         assert [g.name for g in cfg.labels.groups] == [

@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.tiny import tiny_vit
 from visuray.attributes.backgrounds import BackgroundBank, composite, foreground_mask
-from visuray.attributes.data import batch_indices, decode_to_uint8, normalise, split_of
+from visuray.attributes.data import batch_indices, decode_to_uint8, split_of
 from visuray.attributes.labels import (
     AttributeGroupSpec,
     build_label_space,
@@ -23,7 +24,7 @@ from visuray.attributes.model import (
     build_attribute_model,
     build_separate_models,
 )
-from visuray.images import encode_jpeg, to_model_input
+from visuray.images import InputSpec, encode_jpeg, to_model_input
 
 pytestmark = pytest.mark.unit
 
@@ -34,7 +35,7 @@ def tiny_config(head: str = "attention", depths: tuple[int | None, ...] = (1, No
         for i, d in enumerate(depths)
     ]
     return AttributeModelConfig.model_validate(
-        {"backbone": {"img_size": 32, "depth": 3}, "head": head, "embed_dim": 16, "groups": groups}
+        {"backbone": tiny_vit(depth=3), "head": head, "embed_dim": 16, "groups": groups}
     )
 
 
@@ -143,7 +144,7 @@ def test_separate_models_split_the_groups() -> None:
 def test_cnn_backbones_work_through_the_same_contract() -> None:
     cfg = AttributeModelConfig.model_validate(
         {
-            "backbone": {"name": "test_resnet", "img_size": 32, "patch_size": None, "depth": None},
+            "backbone": {"name": "test_resnet", "weights": None, "img_size": 32},
             "groups": [{"name": "a", "labels": ["a=1", "a=2"], "depth": 2}, {"name": "b", "labels": ["b=1"]}],
         }
     )
@@ -248,7 +249,7 @@ def test_splits_are_stable_and_near_their_fractions() -> None:
 def test_uint8_decoding_matches_the_serving_preprocessing() -> None:
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)) for _ in range(2)]
-    batch = normalise(decode_to_uint8([encode_jpeg(i) for i in images], 32))
+    batch = InputSpec(32).normalise(decode_to_uint8([encode_jpeg(i) for i in images], 32))
     from visuray.images import decode_image
 
     reference = to_model_input([decode_image(encode_jpeg(i)) for i in images], 32)

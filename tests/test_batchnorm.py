@@ -90,7 +90,7 @@ def cnn_pretrain_config(tmp_path: Path, catalog: str, *overrides: str) -> Pretra
     data = {
         "catalog": catalog,
         "output": str(tmp_path / "model"),
-        "model": {"backbone": {"name": "resnet10t", "img_size": 32, "patch_size": None, "depth": None}},
+        "model": {"backbone": {"name": "resnet10t", "weights": None, "img_size": 32}},
     }
     return validate_config(PretrainConfig, data, "<test>", list(overrides))
 

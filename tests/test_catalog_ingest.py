@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from visuray.catalog.ingest import MAX_REPORTED_SKIPS, IngestConfig, IngestError, run_ingest
-from visuray.catalog.sample import bundled_query_dir, bundled_sample_dir, regenerate_sample
+from visuray.catalog.sample import DEFAULT_MAX_SIDE, bundled_query_dir, bundled_sample_dir, regenerate_sample
 from visuray.catalog.schema import iter_rows
 from visuray.config import ConfigError, validate_config
 from visuray.images import decode_image, encode_jpeg
@@ -332,7 +332,7 @@ def test_bundled_sample_ingests(tmp_path: Path) -> None:
     assert len(queries) == 20 and {q.parent.name for q in queries} == set(labels)
     catalog_names = {p.name for p in bundled_sample_dir().rglob("*.jpg")}
     assert not catalog_names & {q.name for q in queries}  # queries are held out
-    assert all(max(decode_image(q.read_bytes()).size) <= 96 for q in queries)
+    assert all(max(decode_image(q.read_bytes()).size) <= DEFAULT_MAX_SIDE for q in queries)
     sample_root = bundled_sample_dir().parent
     assert "CC0" in (sample_root / "LICENSE").read_text()
     assert "python -m visuray.catalog.sample" in (sample_root / "PROVENANCE.md").read_text()

@@ -7,20 +7,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.tiny import TINY_VIT
 from visuray.checkpoint import (
     CheckpointError,
-    load_backbone_weights,
     load_embedding_model,
     save_model,
 )
 from visuray.config import StrictModel
 from visuray.models.backbone import BackboneConfig
 from visuray.models.embedding import EmbeddingModelConfig, build_embedding_model
+from visuray.models.weights import load_pretrained
 from visuray.storage import ArtifactError, resolve_artifact
 
 pytestmark = pytest.mark.unit
 
-CFG = EmbeddingModelConfig(backbone=BackboneConfig(img_size=32, patch_size=8, depth=2), embedding_dim=16)
+CFG = EmbeddingModelConfig(backbone=BackboneConfig(**TINY_VIT), embedding_dim=16)
 
 
 class _JobCfg(StrictModel):
@@ -105,7 +106,7 @@ def test_backbone_weights_initialise_another_head(tmp_path: Path) -> None:
     save_model(str(tmp_path / "ssl"), source, CFG)
     target = _model(CFG.model_copy(update={"embedding_dim": 32, "projection": "mlp"}), seed=2)
     projection_before = {k: v.clone() for k, v in target.projection.state_dict().items()}
-    load_backbone_weights(target.backbone, str(tmp_path / "ssl"))
+    load_pretrained(target.backbone, CFG.backbone.model_copy(update={"weights": str(tmp_path / "ssl")}))
     torch.testing.assert_close(target.backbone.state_dict(), source.backbone.state_dict())
     torch.testing.assert_close(target.projection.state_dict(), projection_before)
 
@@ -114,7 +115,9 @@ def test_backbone_of_another_architecture_is_refused(tmp_path: Path) -> None:
     save_model(str(tmp_path / "ssl"), _model(), CFG)
     deeper = CFG.model_copy(update={"backbone": CFG.backbone.model_copy(update={"depth": 3})})
     with pytest.raises(CheckpointError, match="missing: blocks.2"):
-        load_backbone_weights(_model(deeper).backbone, str(tmp_path / "ssl"))
+        load_pretrained(
+            _model(deeper).backbone, deeper.backbone.model_copy(update={"weights": str(tmp_path / "ssl")})
+        )
 
 
 def test_other_artifact_kinds_are_not_models(tmp_path: Path) -> None:

@@ -12,7 +12,19 @@ from visuray.cli import build_parser
 
 pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parent.parent
-COMMANDS = ["ingest", "run", "submit", "status", "logs", "stop", "list", "eval", "serve", "demo"]
+COMMANDS = [
+    "ingest",
+    "run",
+    "submit",
+    "status",
+    "logs",
+    "stop",
+    "list",
+    "eval",
+    "serve",
+    "import-weights",
+    "demo",
+]
 
 
 def visuray(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
@@ -37,7 +49,7 @@ def test_help_runs(command):
 
 def test_bad_key_in_spec_is_a_clear_error(tmp_path):
     spec = tmp_path / "bad.yaml"
-    spec.write_text((REPO / "jobs/configs/finetune_vit_tiny.yaml").read_text() + "\ntrian:\n  lr: 1\n")
+    spec.write_text((REPO / "jobs/configs/finetune_lite0.yaml").read_text() + "\ntrian:\n  lr: 1\n")
     proc = visuray("run", str(spec))
     assert proc.returncode == 2
     assert "trian: unknown key" in proc.stderr and str(spec) in proc.stderr
@@ -45,12 +57,12 @@ def test_bad_key_in_spec_is_a_clear_error(tmp_path):
 
 
 def test_bad_override_is_a_clear_error():
-    proc = visuray("run", "jobs/configs/finetune_vit_tiny.yaml", "train.steps=lots")
+    proc = visuray("run", "jobs/configs/finetune_lite0.yaml", "train.steps=lots")
     assert proc.returncode == 2 and "train.steps (command line)" in proc.stderr
 
 
 def test_print_config_shows_resolved_overrides():
-    proc = visuray("run", "jobs/configs/finetune_vit_tiny.yaml", "train.steps=123", "--print-config")
+    proc = visuray("run", "jobs/configs/finetune_lite0.yaml", "train.steps=123", "--print-config")
     assert proc.returncode == 0, proc.stderr
     assert "steps: 123" in proc.stdout
 

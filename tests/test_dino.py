@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.tiny import TINY_VIT
 from visuray.config import ConfigError, validate_config
 from visuray.jobspec import load_job_spec
 from visuray.ssl.dino import DINOLoss, batch_center, dino_loss, update_teacher
@@ -169,7 +170,7 @@ def tiny_config(**model: object) -> PretrainConfig:
         "crops": {"num_local": 2, "local_size": 16},
         "train": {"steps": 10, "warmup_steps": 2},
     }
-    data["model"].setdefault("backbone", {"img_size": 32, "patch_size": 8, "depth": 2})
+    data["model"].setdefault("backbone", TINY_VIT)
     return validate_config(PretrainConfig, data)
 
 
@@ -219,8 +220,8 @@ def test_teacher_ema_matches_manual_update():
 @pytest.mark.parametrize(
     "backbone",
     [
-        {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "depth": 2},
-        {"name": "resnet18", "img_size": 32, "patch_size": None, "depth": None},
+        TINY_VIT,
+        {"name": "resnet18", "weights": None, "img_size": 32},
     ],
     ids=["vit", "resnet18"],
 )
@@ -242,9 +243,13 @@ def test_student_and_teacher_run_on_multicrop_batches(backbone):
 
 def test_config_checks_and_yaml_spec():
     with pytest.raises(ConfigError, match="multiple of the patch size"):
-        validate_config(PretrainConfig, {"catalog": "c", "output": "o", "crops": {"local_size": 20}})
-    kind, cfg = load_job_spec("jobs/configs/pretrain_vit_tiny.yaml")
-    assert kind.name == "pretrain" and cfg.model.backbone.depth == 2 and cfg.crops.num_local == 2
+        validate_config(
+            PretrainConfig,
+            {"catalog": "c", "output": "o", "model": {"backbone": TINY_VIT}, "crops": {"local_size": 20}},
+        )
+    kind, cfg = load_job_spec("jobs/configs/pretrain_lite0.yaml")
+    assert kind.name == "pretrain" and cfg.model.backbone.weights == "efficientnet_lite0"
+    assert cfg.crops.num_local == 2
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])

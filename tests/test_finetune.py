@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.tiny import tiny_vit, tiny_vit_overrides
 from visuray.catalog.schema import CatalogRecord, write_catalog
 from visuray.checkpoint import load_embedding_model
 from visuray.config import validate_config
@@ -67,7 +68,7 @@ def finetune_config(tmp_path: Path, **overrides: str) -> FinetuneConfig:
     }
     base = [
         "name=test",
-        "model.backbone.img_size=32",
+        *tiny_vit_overrides(),
         "model.embedding_dim=16",
         "train.steps=10",
         "train.p=4",
@@ -87,7 +88,7 @@ def finetune_config(tmp_path: Path, **overrides: str) -> FinetuneConfig:
 
 # ---------------- pieces of the loop, without Ray ----------------
 
-TINY_MODEL = {"backbone": {"img_size": 32, "depth": 3}, "embedding_dim": 8}
+TINY_MODEL = {"backbone": tiny_vit(depth=3), "embedding_dim": 8}
 
 
 def tiny_model() -> torch.nn.Module:

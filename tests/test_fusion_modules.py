@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from tests.tiny import tiny_vit
 from visuray.fusion.losses import BatchSoftmaxContrastiveLoss
 from visuray.fusion.model import FusionModelConfig, TextEncoderConfig, build_fusion_model
 from visuray.fusion.modules import FUSIONS, MAAF, ResidualAttentionFusion
@@ -32,7 +33,7 @@ def tokenizer() -> TextTokenizer:
 
 def tiny_cfg(fusion: str, depth: int = 1, vocab_size: int = 200) -> FusionModelConfig:
     return FusionModelConfig(
-        backbone=BackboneConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1),
+        backbone=BackboneConfig(**tiny_vit(depth=1)),
         text=TextEncoderConfig(width=32, depth=1, heads=2, max_length=12, dropout=0.0, vocab_size=vocab_size),
         fusion=fusion,
         fusion_depth=depth,
@@ -153,9 +154,7 @@ def test_image_encoder_flattens_cnn_feature_maps() -> None:
     from visuray.fusion.image_encoder import ImageEncoder
     from visuray.models.backbone import create_backbone
 
-    encoder = ImageEncoder(
-        create_backbone(BackboneConfig(name="resnet18", img_size=32, patch_size=None, depth=None))
-    )
+    encoder = ImageEncoder(create_backbone(BackboneConfig(name="resnet18", weights=None, img_size=32)))
     tokens, pooled = encoder(torch.randn(2, 3, 64, 64))
     assert tokens.shape == (2, 4, 512) and pooled.shape == (2, 512)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from tests.tiny import tiny_vit
 from visuray.catalog.schema import CatalogRecord, write_catalog
 from visuray.checkpoint import CheckpointError, save_model
 from visuray.config import validate_config
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.unit
 
 SHAPES = {"Tshirts": "rectangle", "Shoes": "ellipse", "Bags": "polygon"}
 COLOURS = {"Red": (220, 30, 30), "Blue": (30, 30, 220), "Green": (30, 180, 30), "Black": (10, 10, 10)}
-TINY_BACKBONE = {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "depth": 1}
+TINY_BACKBONE = tiny_vit(depth=1)
 TINY_TEXT = {"width": 32, "depth": 1, "heads": 2, "max_length": 12, "dropout": 0.0}
 
 

@@ -15,6 +15,7 @@ from visuray.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageDecodeError,
+    InputSpec,
     decode_image,
     encode_jpeg,
     resize_max_side,
@@ -108,25 +109,34 @@ def test_resize_max_side_downscales_only() -> None:
     assert resize_max_side(small, 64) is small
 
 
-def _manual_model_input(img: Image.Image, crop_box: tuple[int, int, int, int]) -> np.ndarray:
+def _manual_model_input(img: Image.Image, crop_box: tuple[int, int, int, int], spec: InputSpec) -> np.ndarray:
     """Slow reference: crop in PIL, scale to [0, 1], normalise channel by channel, HWC -> CHW."""
     pixels = np.asarray(img.convert("RGB").crop(crop_box), dtype=np.float64) / 255.0
     out = np.empty((3, pixels.shape[0], pixels.shape[1]))
     for c in range(3):
-        out[c] = (pixels[..., c] - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
+        out[c] = (pixels[..., c] - spec.mean[c]) / spec.std[c]
     return out
 
 
-def test_to_model_input_matches_manual_normalisation_and_centre_crop() -> None:
+@pytest.mark.parametrize(
+    "spec",
+    [
+        InputSpec(24),
+        InputSpec(24, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        InputSpec(24, (0.1, 0.2, 0.3), (0.9, 0.8, 0.7)),
+    ],
+    ids=["imagenet", "efficientnet-lite", "other"],
+)
+def test_to_model_input_matches_manual_normalisation_and_centre_crop(spec: InputSpec) -> None:
     square = noise_image(24, 24, seed=2)
     wide = noise_image(40, 24, seed=3)  # shorter side already 24: no resampling, only the centre crop
     tall = noise_image(24, 31, seed=4)  # odd margin: 7 rows to drop; torchvision rounds the top offset up (4)
-    batch = to_model_input([square, wide, tall], img_size=24)
+    batch = to_model_input([square, wide, tall], spec)
     assert batch.shape == (3, 3, 24, 24) and batch.dtype == torch.float32
     expected = [
-        _manual_model_input(square, (0, 0, 24, 24)),
-        _manual_model_input(wide, (8, 0, 32, 24)),
-        _manual_model_input(tall, (0, 4, 24, 28)),
+        _manual_model_input(square, (0, 0, 24, 24), spec),
+        _manual_model_input(wide, (8, 0, 32, 24), spec),
+        _manual_model_input(tall, (0, 4, 24, 28), spec),
     ]
     for got, want in zip(batch.numpy(), expected, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
@@ -135,7 +145,7 @@ def test_to_model_input_matches_manual_normalisation_and_centre_crop() -> None:
 def test_to_model_input_resizes_the_shorter_side() -> None:
     # A flat colour stays flat through any resampling, so the expected value is exact.
     flat = Image.new("RGB", (120, 60), (255, 128, 0))
-    batch = to_model_input([flat, decode_image(encode_jpeg(noise_image(50, 90)))], img_size=32)
+    batch = to_model_input([flat, decode_image(encode_jpeg(noise_image(50, 90)))], 32)  # a size: ImageNet's
     assert batch.shape == (2, 3, 32, 32)
     for c, value in enumerate((255, 128, 0)):
         expected = (value / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]

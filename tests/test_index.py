@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.tiny import TINY_VIT
 from visuray.catalog.schema import CatalogRecord, write_catalog
 from visuray.checkpoint import load_embedding_model, save_model
-from visuray.images import decode_image, encode_jpeg, to_model_input
+from visuray.images import InputSpec, decode_image, encode_jpeg, to_model_input
 from visuray.index.faiss_index import (
     INDEX_FILE,
     SearchIndex,
@@ -25,8 +26,13 @@ from visuray.models.backbone import BackboneConfig
 from visuray.models.embedding import EmbeddingModelConfig, build_embedding_model
 from visuray.storage import ArtifactError, resolve_artifact
 
+# What every reference embedding in these tests feeds the tiny model: its recorded size, mean and std, written
+# out (not read back from the model), so a stage that drops them is caught.
+TINY_INPUT = InputSpec(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 TINY_MODEL = EmbeddingModelConfig(
-    backbone=BackboneConfig(img_size=32, patch_size=8, depth=2), embedding_dim=16
+    # mean/std other than ImageNet's: what every stage reads from the model, Serve included
+    backbone=BackboneConfig(**TINY_VIT, mean=TINY_INPUT.mean, std=TINY_INPUT.std),
+    embedding_dim=16,
 )
 
 
@@ -241,7 +247,9 @@ def test_embed_catalog_matches_the_model_in_process(ray_cluster: object, tmp_pat
     model, _ = load_embedding_model(str(tmp_path / "model"))
     by_id = {r.item_id: r for r in good}
     with torch.inference_mode():
-        expected = model(to_model_input([decode_image(by_id[i].image) for i in result.ids], 32)).numpy()
+        expected = model(
+            to_model_input([decode_image(by_id[i].image) for i in result.ids], TINY_INPUT)
+        ).numpy()
     assert result.vectors.dtype == np.float32 and result.vectors.shape == (19, 16)
     np.testing.assert_allclose(result.vectors, expected, rtol=1e-4, atol=1e-5)
 
@@ -407,7 +415,7 @@ def test_embedding_ensemble_of_real_models(tmp_path: Path) -> None:
     for i in range(2):
         model, _ = load_embedding_model(str(tmp_path / f"m{i}"))
         with torch.inference_mode():
-            outputs.append(model(to_model_input(images, 32)).numpy())
+            outputs.append(model(to_model_input(images, TINY_INPUT)).numpy())
     np.testing.assert_allclose(ensemble.embed(images), slow_combine(outputs, [1, 2], "concat"), atol=1e-5)
     single = EmbeddingEnsemble.load(EnsembleSpec(members=[EnsembleMember(uri=str(tmp_path / "m0"))]))
     assert single.version == versions[0]

@@ -8,13 +8,14 @@ import sys
 import pytest
 import torch
 
+from tests.tiny import TINY_VIT
 from visuray.models.backbone import BackboneConfig, backbone_kwargs, create_backbone
 from visuray.models.embedding import EmbeddingModel, EmbeddingModelConfig, build_embedding_model
 
 pytestmark = pytest.mark.unit
 
-VIT = BackboneConfig(name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
-CNN = BackboneConfig(name="resnet18", img_size=32, patch_size=None, depth=None)
+VIT = BackboneConfig(**TINY_VIT)
+CNN = BackboneConfig(name="resnet18", weights=None, img_size=32)
 
 
 @pytest.mark.parametrize("backbone", [VIT, CNN], ids=["vit", "resnet18"])
@@ -53,7 +54,7 @@ def test_vit_size_knobs_reach_the_architecture() -> None:
 def test_cnn_gets_no_vit_kwargs_and_vit_kwargs_on_a_cnn_are_a_clear_error() -> None:
     assert backbone_kwargs(CNN) == {"drop_path_rate": 0.0}
     with pytest.raises(ValueError, match="patch_size and model.backbone.depth to null"):
-        create_backbone(BackboneConfig(name="resnet18"))  # ViT defaults left on
+        create_backbone(BackboneConfig(name="resnet18", patch_size=8, depth=2))  # ViT settings left on
 
 
 def test_unknown_backbone_name_is_an_error() -> None:

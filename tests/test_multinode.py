@@ -18,6 +18,7 @@ import pytest
 
 from tests.ray_head import RayHead, start_worker_node
 from tests.test_finetune import write_colour_catalog
+from tests.tiny import tiny_vit_overrides
 
 pytestmark = [pytest.mark.slow]
 REPO = Path(__file__).resolve().parent.parent
@@ -69,6 +70,8 @@ def test_two_node_pretraining_survives_a_killed_worker(cluster, tmp_path):
         f"train.log_every={CHECKPOINT_EVERY}",
         f"train.heartbeat_dir={heartbeats}",
         "train.shuffle_buffer=8",
+        *tiny_vit_overrides(),  # the shipped spec's pretrained Lite0 would make a slow test; the job is the point
+        "crops.local_size=16",
         "model.out_dim=64",
         "model.hidden_dim=32",
         "model.bottleneck_dim=16",
@@ -81,7 +84,7 @@ def test_two_node_pretraining_survives_a_killed_worker(cluster, tmp_path):
     env["RAY_ADDRESS"] = cluster.gcs_address
     log = open(tmp_path / "driver.log", "w")  # noqa: SIM115 - closed below
     driver = subprocess.Popen(
-        [sys.executable, "-m", "visuray.cli", "run", "jobs/configs/pretrain_vit_tiny.yaml", *overrides],
+        [sys.executable, "-m", "visuray.cli", "run", "jobs/configs/pretrain_lite0.yaml", *overrides],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
     )  # fmt: skip
     try:

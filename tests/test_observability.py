@@ -120,12 +120,12 @@ def test_status_lists_sweeps_before_and_after_their_results(tmp_path: Path) -> N
     root = tmp_path / "sweeps" / "margins"
     root.mkdir(parents=True)
     (root / "sweep.yaml").write_text(
-        "job: sweep\nname: margins\nspec: jobs/configs/finetune_vit_tiny.yaml\nmetric: val/map@r\nmode: min\n"
+        "job: sweep\nname: margins\nspec: jobs/configs/finetune_lite0.yaml\nmetric: val/map@r\nmode: min\n"
         "num_samples: 3\nsearch_space: {loss.margin: {type: choice, values: [0.1, 0.2]}}\n"
     )
     data = overview(str(tmp_path), include_cluster=False)
     (sweep,) = data["sweeps"]
-    assert sweep["job"] == "jobs/configs/finetune_vit_tiny.yaml" and sweep["results"] is False
+    assert sweep["job"] == "jobs/configs/finetune_lite0.yaml" and sweep["results"] is False
     assert "no results table yet" in format_overview(data)
 
     (root / "results.csv").write_text(

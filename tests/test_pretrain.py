@@ -11,10 +11,12 @@ import ray.cloudpickle
 import torch
 
 from tests.test_fault_tolerance import KILLED_RUN
-from visuray.checkpoint import load_backbone_weights, load_embedding_model
+from tests.tiny import TINY_VIT
+from visuray.checkpoint import load_embedding_model
 from visuray.config import validate_config
 from visuray.evaluation.ssl_eval import SSLEvalOptions, evaluate_ssl_on_catalog
 from visuray.models.backbone import create_backbone
+from visuray.models.weights import load_pretrained
 from visuray.train.pretrain import PretrainConfig, load_teacher_tensors, run_pretrain
 
 pytestmark = pytest.mark.ray
@@ -23,7 +25,7 @@ pytestmark = pytest.mark.ray
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 TINY_MODEL = {
-    "backbone": {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "depth": 2},
+    "backbone": TINY_VIT,
     "out_dim": 64,
     "hidden_dim": 32,
     "bottleneck_dim": 16,
@@ -146,8 +148,9 @@ def test_pretrain_publishes_teacher_backbone_and_resumes_by_name(ray_cluster, ki
     meta = artifact.manifest.metadata
     assert meta["trained_by"] == "pretrain" and meta["train_steps"] == steps and meta["embedding_dim"] == 192
     teacher = load_teacher_tensors(first["checkpoint"])
-    backbone = create_backbone(pretrain_config(root).model.backbone)
-    load_backbone_weights(backbone, str(root / "model"))
+    backbone_cfg = pretrain_config(root).model.backbone
+    backbone = create_backbone(backbone_cfg)
+    load_pretrained(backbone, backbone_cfg.model_copy(update={"weights": str(root / "model")}))
     for name, value in backbone.state_dict().items():
         torch.testing.assert_close(value, teacher[f"backbone.{name}"])
     images = torch.randn(3, 3, 32, 32)

@@ -27,7 +27,7 @@ import yaml
 from PIL import Image
 
 from tests.conftest import REPO_ROOT, free_port
-from tests.test_index import TINY_MODEL, save_tiny_model, textured_jpeg
+from tests.test_index import TINY_INPUT, TINY_MODEL, save_tiny_model, textured_jpeg
 from visuray.catalog.schema import CatalogRecord, write_catalog
 from visuray.checkpoint import load_embedding_model
 from visuray.config import validate_config
@@ -239,7 +239,7 @@ def reference_ensemble_vector(served: Served, image: bytes) -> np.ndarray:
     for member in served.ensemble.members:
         model, _ = load_embedding_model(member.uri)
         with torch.inference_mode():
-            out = model(to_model_input([decode_image(image)], 32))[0].numpy()
+            out = model(to_model_input([decode_image(image)], TINY_INPUT))[0].numpy()
         outputs.append(out / np.linalg.norm(out) * np.sqrt(member.weight / 3))
     return np.concatenate(outputs)
 

@@ -16,6 +16,7 @@ import yaml
 
 from tests.conftest import REPO_ROOT
 from tests.test_finetune import write_colour_catalog
+from tests.tiny import tiny_vit
 from visuray.config import ConfigError, validate_config
 from visuray.jobspec import load_job_spec
 from visuray.status import overview
@@ -27,7 +28,7 @@ from visuray.train.finetune import FinetuneConfig
 TINY_FINETUNE = {
     "job": "finetune",
     "name": "tiny",
-    "model": {"backbone": {"img_size": 32}, "embedding_dim": 16},
+    "model": {"backbone": tiny_vit(), "embedding_dim": 16},
     "train": {
         "steps": 6,
         "p": 4,
@@ -124,7 +125,7 @@ def test_list_entries_are_named_by_index() -> None:
     check_key(AttributeTrainConfig, "labels.groups.2.depth")
     with pytest.raises(ConfigError, match="is a list; name an entry by its index"):
         check_key(AttributeTrainConfig, "labels.groups.depth")
-    spec = REPO_ROOT / "jobs" / "configs" / "train_attributes_vit_tiny.yaml"
+    spec = REPO_ROOT / "jobs" / "configs" / "train_attributes_lite0.yaml"
     kind, cfg = load_job_spec(spec, ["labels.groups.2.depth=1"])
     assert [g.depth for g in cfg.labels.groups][:3] == [None, None, 1]
     with pytest.raises(ConfigError, match="is a list of 6; '9' is not an index"):

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from visuray import __version__
 from visuray.config import ConfigError, config_to_yaml, validate_config, yaml_load
+from visuray.models.backbone import BackboneConfig
 from visuray.models.embedding import EmbeddingModelConfig, build_embedding_model
 from visuray.storage import (
     WEIGHTS_NAME,
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 MODEL_KIND = "model"
 MODEL_CONFIG_NAME = "model.yaml"
 JOB_CONFIG_NAME = "config.yaml"
-BACKBONE_PREFIX = "backbone."
+BACKBONE_PREFIX = "backbone."  # the backbone's tensors in an embedding model's state dict
 
 
 class CheckpointError(ArtifactError):
@@ -87,6 +88,18 @@ def load_state_dict_strict(module: nn.Module, tensors: Mapping[str, torch.Tensor
     module.load_state_dict(dict(tensors), strict=True)
 
 
+def input_metadata(backbone: BackboneConfig) -> dict[str, Any]:
+    """What a model's manifest says of its input (what Serve's /v1/models and the status overview show):
+    size, mean and std, and where its backbone's weights started from."""
+    spec = backbone.input_spec
+    return {
+        "img_size": spec.img_size,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "backbone_weights": backbone.weights,
+    }
+
+
 def save_model(
     uri: str,
     model: nn.Module,
@@ -105,7 +118,7 @@ def save_model(
         described={
             "embedding_dim": model_cfg.embedding_dim,
             "backbone": model_cfg.backbone.name,
-            "img_size": model_cfg.backbone.img_size,
+            **input_metadata(model_cfg.backbone),
         },
         job_cfg=job_cfg,
         metadata=metadata,
@@ -185,20 +198,3 @@ def load_embedding_model(
     model = build_embedding_model(read_model_config(artifact))
     load_state_dict_strict(model, tensors_from_bytes(artifact.read(WEIGHTS_NAME)), artifact.uri)
     return model.to(map_location).eval(), artifact
-
-
-def load_backbone_weights(
-    backbone: nn.Module, uri: str, options: StorageOptions | None = None, prefix: str = BACKBONE_PREFIX
-) -> Artifact:
-    """Initialise ``backbone`` from the ``backbone.*`` tensors of the model artifact at ``uri``.
-
-    The projection (and any other head) of that checkpoint is ignored, so a model trained with another
-    embedding size or head still initialises a new model's backbone; the backbone itself must match.
-    """
-    artifact = resolve_model(uri, options)
-    tensors = tensors_from_bytes(artifact.read(WEIGHTS_NAME))
-    picked = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-    if not picked:
-        raise CheckpointError(f"checkpoint {artifact.uri} holds no tensors under {prefix!r}")
-    load_state_dict_strict(unwrap_model(backbone), picked, f"{artifact.uri} ({prefix}*)")
-    return artifact

@@ -218,6 +218,34 @@ def cmd_serve(args: argparse.Namespace) -> None:
         serve.shutdown()
 
 
+def cmd_import_weights(args: argparse.Namespace) -> None:
+    from visuray.models.backbone import BackboneConfig
+    from visuray.models.weights import import_weights, resolve_weights
+    from visuray.storage import StorageOptions
+
+    data: dict[str, Any] = {"weights": args.source, "weights_layout": args.layout}
+    if args.img_size is not None:
+        data["img_size"] = args.img_size
+    storage = validate_config(StorageOptions, {}, "<command line>", args.storage)
+    architecture = args.arch or resolve_weights(args.source, None, args.layout, storage).architecture
+    if architecture is None:
+        raise ConfigError(f"--arch is needed: {args.source} does not say which timm architecture it is for")
+    data["name"] = architecture
+    backbone = validate_config(BackboneConfig, data, "<command line>", args.overrides)
+    artifact = import_weights(args.output, backbone, args.projection_dim, storage)
+    _print_json(
+        {
+            "output": artifact.uri,
+            "model_version": artifact.manifest.version,
+            "embedding_dim": artifact.manifest.metadata["embedding_dim"],
+            "backbone": architecture,
+            "weights": artifact.manifest.metadata["weights_source"],
+            "mean": artifact.manifest.metadata["mean"],
+            "std": artifact.manifest.metadata["std"],
+        }
+    )
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from visuray.demo import DemoOptions, run_demo
 
@@ -349,6 +377,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     add_num_cpus(p)
+
+    p = add(
+        "import-weights",
+        "Publish a model artifact straight from pretrained weights (pooled features as the embedding, no "
+        "training): a built-in name (efficientnet_lite0), a checkpoint file, timm:<name>.<tag> or "
+        "hf-hub:<repo> from the local cache. It indexes and serves like a trained model.",
+        cmd_import_weights,
+    )
+    p.add_argument("source", help="weights: efficientnet_lite0, a .safetensors/.pth path or s3:// URI, ...")
+    p.add_argument("output", help="model artifact URI to publish into (path or s3://)")
+    p.add_argument("--arch", default=None, help="timm architecture (default: what the weights declare)")
+    p.add_argument(
+        "--layout",
+        default="auto",
+        choices=["auto", "timm", "visuray", "dino", "torchvision", "open_clip", "efficientnet_pytorch"],
+        help="the checkpoint's tensor naming (default: recognised from the names)",
+    )
+    p.add_argument("--img-size", type=int, default=None, help="input size the model records (default 224)")
+    p.add_argument(
+        "--projection-dim",
+        type=int,
+        default=None,
+        help="embed with a fixed random orthonormal projection to this size (default: the pooled features)",
+    )
+    p.add_argument(
+        "--storage",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="S3 settings (endpoint_url=..., region=...); credentials come from the AWS environment",
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="backbone config overrides (mean=[...], std=[...])"
+    )
 
     p = add(
         "demo",

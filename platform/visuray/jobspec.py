@@ -68,6 +68,7 @@ JOBS: dict[str, JobKind] = {
             "jobs/finetune.py",
             "train an embedding model with a metric loss on Ray Train",
             metrics="visuray.train.finetune:reported_metrics",
+            precheck="visuray.train.finetune:precheck",
         ),
         JobKind(
             "pretrain",
@@ -76,6 +77,7 @@ JOBS: dict[str, JobKind] = {
             "jobs/pretrain.py",
             "self-supervised DINO pretraining on Ray Train with DeepSpeed ZeRO",
             metrics="visuray.train.pretrain:reported_metrics",
+            precheck="visuray.train.pretrain:precheck",
         ),
         JobKind(
             "build_index",
@@ -91,6 +93,7 @@ JOBS: dict[str, JobKind] = {
             "jobs/train_attributes.py",
             "train a multi-label attribute model (heads at chosen depths of one backbone) on Ray Train",
             metrics="visuray.attributes.train:reported_metrics",
+            precheck="visuray.attributes.train:precheck",
         ),
         JobKind(
             "train_fusion",
@@ -99,6 +102,7 @@ JOBS: dict[str, JobKind] = {
             "jobs/train_fusion.py",
             "composed retrieval (image + modifying text) with MAAF / residual attention fusion on Ray Train",
             metrics="visuray.fusion.train:reported_metrics",
+            precheck="visuray.fusion.train:precheck",
         ),
         JobKind(
             "sweep",

@@ -6,7 +6,8 @@ model never trained on.
 
 Images are decoded once into a uint8 (N, 3, S, S) tensor with exactly the resize and centre crop of
 :func:`visuray.images.to_model_input` (the serving path), and normalised per batch; at 64 px a 10k-item
-catalog is ~120 MB, so training steps do no JPEG decoding.
+catalog is ~120 MB, so training steps do no JPEG decoding. Normalisation is the model's own
+(:meth:`visuray.images.InputSpec.normalise`: its weights' mean and std).
 """
 
 from __future__ import annotations
@@ -34,42 +35,19 @@ def split_of(item_id: str, seed: int, val_fraction: float, test_fraction: float)
     return "train"
 
 
-def images_to_uint8(images: Sequence[Image.Image], img_size: int) -> torch.Tensor:
-    """(N, 3, S, S) uint8: shorter side resized to ``img_size``, centre crop (as at serving time)."""
-    import torch
-    from torchvision.transforms import functional as F
-
-    out = torch.empty((len(images), 3, img_size, img_size), dtype=torch.uint8)
-    for i, img in enumerate(images):
-        t = F.resize(F.pil_to_tensor(img.convert("RGB")), img_size, antialias=True)
-        out[i] = F.center_crop(t, [img_size, img_size])
-    return out
-
-
 def decode_to_uint8(
     images: Sequence[bytes],
     img_size: int,
     edit: Callable[[Image.Image, int], Image.Image] | None = None,
 ) -> torch.Tensor:
     """Decode encoded images (optionally ``edit(image, index)``, e.g. a wild background) into uint8."""
-    from visuray.images import decode_image
+    from visuray.images import center_crop_uint8, decode_image
 
     decoded = []
     for i, data in enumerate(images):
         img = decode_image(data)
         decoded.append(edit(img, i) if edit is not None else img)
-    return images_to_uint8(decoded, img_size)
-
-
-def normalise(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, S, S) -> float, ImageNet-normalised, as :func:`visuray.images.to_model_input` does."""
-    import torch
-
-    from visuray.images import IMAGENET_MEAN, IMAGENET_STD
-
-    mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=batch.device).view(1, 3, 1, 1)
-    return (batch.float() / 255.0 - mean) / std
+    return center_crop_uint8(decoded, img_size)
 
 
 def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -45,7 +45,7 @@ def save_attribute_model(
     options: StorageOptions | None = None,
 ) -> Artifact:
     """Publish ``model`` with its label names and thresholds as a new version at ``uri``."""
-    from visuray.checkpoint import publish_weights
+    from visuray.checkpoint import input_metadata, publish_weights
 
     names = model_cfg.label_names
     if len(thresholds) != len(names):
@@ -68,7 +68,7 @@ def save_attribute_model(
         task="attributes",
         described={
             "backbone": model_cfg.backbone.name,
-            "img_size": model_cfg.backbone.img_size,
+            **input_metadata(model_cfg.backbone),
             "head": model_cfg.head,
             "num_labels": len(names),
             "groups": [g.name for g in model_cfg.groups],

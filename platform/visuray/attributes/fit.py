@@ -18,6 +18,7 @@ from visuray.attributes.losses import positive_weights
 from visuray.attributes.metrics import multilabel_report
 from visuray.attributes.thresholds import select_thresholds
 from visuray.config import StrictModel
+from visuray.images import InputSpec
 
 if TYPE_CHECKING:
     import torch
@@ -84,6 +85,7 @@ def training_step(
 def fit_in_process(
     model: nn.Module,
     images: torch.Tensor,
+    spec: InputSpec,
     targets: np.ndarray,
     known: np.ndarray,
     loss_cfg: LossSection,
@@ -95,10 +97,11 @@ def fit_in_process(
     clip_grad_norm: float | None = 3.0,
     seed: int = 0,
 ) -> list[float]:
-    """Train ``model`` in this process on uint8 ``images`` (N, 3, S, S); returns the loss of every step."""
+    """Train ``model`` in this process on uint8 ``images`` (N, 3, S, S), normalised by the model's input
+    ``spec``; returns the loss of every step."""
     import torch
 
-    from visuray.attributes.data import augment, batch_indices, normalise
+    from visuray.attributes.data import augment, batch_indices
     from visuray.train.finetune import lr_schedule, optimizer_param_groups
 
     torch.manual_seed(seed)
@@ -111,7 +114,7 @@ def fit_in_process(
     model.train()
     for step in range(steps):
         rows = batch_indices(len(images), batch_size, seed, step)
-        batch = normalise(augment(images[rows], generator))
+        batch = spec.normalise(augment(images[rows], generator))
         loss = training_step(
             model, optimizer, loss_fn, batch, t_targets[rows], t_known[rows], schedule[step], clip_grad_norm
         )
@@ -120,18 +123,17 @@ def fit_in_process(
 
 
 def predict_probabilities(
-    model: nn.Module, images: torch.Tensor, batch_size: int = 256, device: Any = "cpu"
+    model: nn.Module, images: torch.Tensor, spec: InputSpec, batch_size: int = 256, device: Any = "cpu"
 ) -> np.ndarray:
-    """Sigmoid scores (N, L) of uint8 images, in eval mode, without gradients."""
+    """Sigmoid scores (N, L) of uint8 images (normalised by the model's input ``spec``), in eval mode,
+    without gradients."""
     import torch
-
-    from visuray.attributes.data import normalise
 
     model.eval()
     out = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            batch = normalise(images[start : start + batch_size].to(device))
+            batch = spec.normalise(images[start : start + batch_size].to(device))
             out.append(torch.sigmoid(model(batch)).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from visuray.images import InputSpec
 from visuray.storage import StorageOptions
 
 if TYPE_CHECKING:
@@ -21,12 +22,14 @@ if TYPE_CHECKING:
 class AttributePredictor:
     """One loaded attribute model: label names, groups, thresholds, and batched prediction."""
 
-    def __init__(self, model: Any, labels: dict[str, Any], img_size: int, version: str, device: Any) -> None:
+    def __init__(
+        self, model: Any, labels: dict[str, Any], spec: InputSpec, version: str, device: Any
+    ) -> None:
         self.model = model
         self.label_names: list[str] = list(labels["labels"])
         self.groups: dict[str, list[str]] = dict(labels["groups"])
         self.thresholds: dict[str, float] = {k: float(v) for k, v in labels["thresholds"].items()}
-        self.img_size = img_size
+        self.spec = spec  # the model's input size and normalisation, as it was trained
         self.version = version
         self.device = device
 
@@ -35,7 +38,7 @@ class AttributePredictor:
         from visuray.attributes.export import load_attribute_model
 
         model, cfg, labels, artifact = load_attribute_model(uri, options, map_location=device)
-        return cls(model, labels, cfg.backbone.img_size, artifact.manifest.version, device)
+        return cls(model, labels, cfg.backbone.input_spec, artifact.manifest.version, device)
 
     def scores(self, images: Sequence[Image.Image | bytes], batch_size: int = 64) -> Any:
         """(N, L) numpy array of sigmoid scores in :attr:`label_names` order."""
@@ -48,7 +51,7 @@ class AttributePredictor:
         out = []
         with torch.no_grad():
             for start in range(0, len(pil), batch_size):
-                batch = to_model_input(pil[start : start + batch_size], self.img_size).to(self.device)
+                batch = to_model_input(pil[start : start + batch_size], self.spec).to(self.device)
                 out.append(torch.sigmoid(self.model(batch)).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.label_names)), dtype=np.float32)
 

@@ -41,6 +41,7 @@ from visuray.attributes.labels import (
 )
 from visuray.attributes.model import AttributeArchitecture, AttributeModelConfig, GroupHead
 from visuray.config import StrictModel
+from visuray.images import InputSpec
 from visuray.storage import StorageOptions
 from visuray.train import common
 
@@ -95,6 +96,7 @@ class AttributeTrainSection(common.TrainLoopSection):
     weight_decay: float = Field(0.05, ge=0, description="AdamW decay on matrices only, as for ViTs")
     warmup_steps: int = Field(50, ge=0, description="linear warm-up; ViTs diverge at full rate from step one")
     clip_grad_norm: float | None = Field(3.0, gt=0, description="gradient-norm clip against early spikes")
+    freeze_blocks: int = common.freeze_blocks_field()
     checkpoint_every: int = common.checkpoint_every_field()
     keep_checkpoints: int = common.keep_checkpoints_field()
     log_every: int = common.log_every_field()
@@ -138,7 +140,9 @@ class AttributeTrainConfig(StrictModel):
     output: str = Field(..., description="URI of the attribute model artifact to publish into")
     run_dir: str = common.run_dir_field()
     init_from: str | None = Field(
-        None, description="model artifact (embedding or SSL) whose backbone initialises this one"
+        None,
+        description="model artifact (embedding or SSL) whose backbone initialises this one; the same as "
+        "model.backbone.weights=<artifact>, and replaces it when set",
     )
     model: AttributeArchitecture = Field(default_factory=AttributeArchitecture)
     labels: LabelSection = Field(default_factory=LabelSection)
@@ -230,11 +234,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train.torch
     import torch
 
-    from visuray.attributes.data import augment, batch_indices, decode_to_uint8, normalise
+    from visuray.attributes.data import augment, batch_indices, decode_to_uint8
     from visuray.attributes.fit import build_loss, predict_probabilities, training_step
     from visuray.attributes.metrics import multilabel_report
     from visuray.attributes.model import build_attribute_model
-    from visuray.checkpoint import load_backbone_weights
+    from visuray.models.weights import prepare_for_training, starting_point
     from visuray.train.common import (
         TrainState,
         load_train_checkpoint,
@@ -274,8 +278,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     model = build_attribute_model(model_cfg)
     checkpoint = ray.train.get_checkpoint()
     state = load_train_checkpoint(checkpoint, model) if checkpoint else TrainState()
-    if checkpoint is None and cfg.init_from:
-        load_backbone_weights(model.backbone, cfg.init_from, cfg.storage)
+    backbone_cfg = starting_point(model_cfg.backbone, cfg.init_from)  # checked by the driver
+    prepare_for_training(model.backbone, backbone_cfg, cfg.storage, checkpoint is not None, tc.freeze_blocks)
+    spec = model_cfg.backbone.input_spec
     model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, tc.weight_decay), lr=tc.lr)
     if state.optimizer is not None:
@@ -304,7 +309,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     while step < tc.steps:
         rows = batch_indices(len(mine), tc.batch_size, tc.seed + 7919 * rank, step)
         generator = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
-        batch = normalise(augment(images[rows], generator)).to(device, non_blocking=True)
+        batch = spec.normalise(augment(images[rows], generator)).to(device, non_blocking=True)
         loss = training_step(
             model,
             optimizer,
@@ -334,7 +339,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         }
         if validate and val_images is not None:
             scores = predict_probabilities(
-                getattr(model, "module", model), val_images, cfg.eval.batch_size, device
+                getattr(model, "module", model), val_images, spec, cfg.eval.batch_size, device
             )
             model.train()
             report = multilabel_report(
@@ -378,7 +383,7 @@ def wild_editor(spec: str, item_ids: Sequence[str], seed: int) -> Any:
 def evaluate_prepared(
     model: nn.Module,
     data: PreparedCatalog,
-    img_size: int,
+    spec: InputSpec,
     min_positives: int,
     wild_backgrounds: str | None = None,
     wild_seed: int = 0,
@@ -399,8 +404,8 @@ def evaluate_prepared(
         idx = data.splits[split]
         ids = [data.rows.item_ids[i] for i in idx]
         editor = wild_editor(edit, ids, wild_seed) if edit else None
-        images = decode_to_uint8([data.rows.image_bytes(i) for i in idx], img_size, editor)
-        return predict_probabilities(model, images, batch_size)
+        images = decode_to_uint8([data.rows.image_bytes(i) for i in idx], spec.img_size, editor)
+        return predict_probabilities(model, images, spec, batch_size)
 
     val, test = data.splits["val"], data.splits["test"]
     val_scores, test_scores = scores_of("val"), scores_of("test")
@@ -463,17 +468,27 @@ def summary_metrics(report: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
+def precheck(cfg: AttributeTrainConfig) -> None:
+    """Before a cluster starts (or the job is submitted): the starting weights exist and fit by name."""
+    from visuray.models.weights import precheck_weights
+
+    precheck_weights(cfg.model.backbone, cfg.storage, cfg.init_from)
+
+
 def run_train_attributes(cfg: AttributeTrainConfig) -> dict[str, Any]:
     """Train on Ray Train, evaluate on held-out products, publish the model; return the run's summary."""
     from visuray.attributes.export import save_attribute_model
     from visuray.attributes.model import build_attribute_model
     from visuray.cluster import ensure_ray
+    from visuray.models.weights import check_pretrained
     from visuray.train.common import load_train_checkpoint
     from visuray.train.ray_job import fit_checkpointed
 
     ensure_ray()
     data = prepare_catalog(cfg.catalog, cfg.storage, cfg.labels.groups, cfg.split, cfg.labels.min_count)
-    model_cfg = resolve_model_config(cfg.model, cfg.labels.groups, data.space)
+    backbone = check_pretrained(cfg.model.backbone, cfg.storage, init_from=cfg.init_from)
+    arch = cfg.model.model_copy(update={"backbone": backbone})
+    model_cfg = resolve_model_config(arch, cfg.labels.groups, data.space)
     log.info(
         "train_attributes %r: %d labels in groups %s; %d/%d/%d train/val/test products",
         cfg.name,
@@ -489,7 +504,7 @@ def run_train_attributes(cfg: AttributeTrainConfig) -> dict[str, Any]:
         evaluation = evaluate_prepared(
             model,
             data,
-            model_cfg.backbone.img_size,
+            model_cfg.backbone.input_spec,
             cfg.eval.min_positives,
             cfg.eval.wild_backgrounds,
             cfg.eval.wild_seed,

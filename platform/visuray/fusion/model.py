@@ -7,9 +7,10 @@ A fusion model artifact (kind ``fusion_model``) holds
 - ``tokenizer.json``: the tokenizer the text encoder was trained with,
 - ``config.yaml`` (the job config), ``metrics.json`` and ``report.html`` when the job wrote them.
 
-Pretrained parts: the image encoder's backbone starts from any embedding model artifact
-(:func:`visuray.checkpoint.load_backbone_weights`); the text encoder (and its tokenizer) from another
-fusion model artifact (:func:`load_text_encoder_weights`). Both are local paths or ``s3://`` URIs.
+Pretrained parts: the image encoder's backbone starts from ``backbone.weights`` (the bundled ImageNet
+weights by default, or any source :mod:`visuray.models.weights` takes; ``image_init_from`` is a model
+artifact's backbone); the text encoder (and its tokenizer) from another fusion model artifact
+(:func:`load_text_encoder_weights`). Both are local paths or ``s3://`` URIs.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def save_fusion_model(
     options: StorageOptions | None = None,
 ) -> Artifact:
     """Publish ``model`` with its config and tokenizer as a new version of the artifact at ``uri``."""
-    from visuray.checkpoint import publish_weights
+    from visuray.checkpoint import input_metadata, publish_weights
 
     return publish_weights(
         uri,
@@ -153,7 +154,7 @@ def save_fusion_model(
             "fusion": model_cfg.fusion,
             "fusion_depth": model_cfg.fusion_depth,
             "backbone": model_cfg.backbone.name,
-            "img_size": model_cfg.backbone.img_size,
+            **input_metadata(model_cfg.backbone),
             "max_text_tokens": model_cfg.text.max_length,
         },
         job_cfg=job_cfg,

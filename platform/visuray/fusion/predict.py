@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 
 from visuray.errors import VisurayError
-from visuray.images import decode_image, to_model_input
+from visuray.images import InputSpec, decode_image, to_model_input
 from visuray.storage import StorageOptions
 
 if TYPE_CHECKING:
@@ -110,8 +110,9 @@ class FusionPredictor:
         return int(self.model_cfg.embed_dim)
 
     @property
-    def img_size(self) -> int:
-        return int(self.model_cfg.backbone.img_size)
+    def input_spec(self) -> InputSpec:
+        """The image encoder's input size and normalisation, as it was trained."""
+        return self.model_cfg.backbone.input_spec
 
     def _image(self, image: ImageInput) -> Image.Image:
         if isinstance(image, str):
@@ -145,7 +146,7 @@ class FusionPredictor:
             self._check_text(e)
         ids, padding = self.tokenizer.to_tensors(encoded)
         with torch.no_grad():
-            x = to_model_input(pil, self.img_size).to(self.device)
+            x = to_model_input(pil, self.input_spec).to(self.device)
             vectors = self.model.encode_queries(x, ids.to(self.device), padding.to(self.device)).cpu().numpy()
         return [
             QueryEncoding(
@@ -171,6 +172,6 @@ class FusionPredictor:
         with torch.no_grad():
             for start in range(0, len(images), batch_size):
                 pil = [self._image(image) for image in images[start : start + batch_size]]
-                x = to_model_input(pil, self.img_size).to(self.device)
+                x = to_model_input(pil, self.input_spec).to(self.device)
                 out.append(self.model.encode_images(x).cpu().numpy())
         return np.concatenate(out).astype(np.float32) if out else np.zeros((0, self.dim), dtype=np.float32)

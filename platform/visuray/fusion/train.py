@@ -38,6 +38,8 @@ from visuray.fusion.datasets import (
     subset_items,
 )
 from visuray.fusion.model import FusionModelConfig
+from visuray.images import InputSpec
+from visuray.models.backbone import BackboneConfig
 from visuray.storage import StorageOptions
 from visuray.train import common
 from visuray.train.common import lr_schedule
@@ -111,6 +113,7 @@ class FusionTrainSection(common.TrainLoopSection):
     weight_decay: float = Field(0.05, ge=0, description="on matrices only, as for ViTs")
     warmup_steps: int = Field(20, ge=0, description="linear warm-up; transformers need a gentle start")
     clip_grad_norm: float | None = Field(1.0, gt=0, description="guards the early, temperature-driven spikes")
+    freeze_blocks: int = common.freeze_blocks_field()
     temperature: float = Field(
         0.07, gt=0, description="initial softmax temperature (CLIP's); learned from there"
     )
@@ -148,7 +151,9 @@ class FusionTrainConfig(StrictModel):
     output: str = Field(..., description="URI of the fusion model artifact to publish a new version into")
     run_dir: str = common.run_dir_field()
     image_init_from: str | None = Field(
-        None, description="embedding model artifact whose backbone initialises the image encoder"
+        None,
+        description="model artifact whose backbone initialises the image encoder; the same as "
+        "model.backbone.weights=<artifact>, and replaces it when set",
     )
     text_init_from: str | None = Field(
         None, description="fusion model artifact whose text encoder (and tokenizer) initialise this one"
@@ -270,16 +275,18 @@ class ImageTensorCache:
     """The images of some catalog items, decoded once into a uint8 (N, 3, S, S) tensor.
 
     Same pixels-to-tensor path as :func:`visuray.images.to_model_input` (shorter side to S, centre crop,
-    ImageNet normalisation), so training, evaluation and the predictor see identical inputs.
+    the model's own normalisation ``spec``), so training, evaluation and the predictor see identical inputs.
     """
 
     def __init__(
-        self, catalog: str, item_ids: Sequence[str], img_size: int, options: StorageOptions | None = None
+        self,
+        catalog: str,
+        item_ids: Sequence[str],
+        spec: InputSpec,
+        options: StorageOptions | None = None,
     ) -> None:
-        import torch
-        from torchvision.transforms import functional as F
-
         from visuray.catalog.readers import CatalogRows
+        from visuray.images import center_crop_uint8
 
         rows = CatalogRows(catalog, options)
         row_of = {item_id: i for i, item_id in enumerate(rows.item_ids)}
@@ -288,24 +295,17 @@ class ImageTensorCache:
             raise KeyError(f"{len(unknown)} item id(s) not in catalog {catalog}, e.g. {unknown[:3]}")
         self.ids = list(dict.fromkeys(item_ids))
         self.position = {item_id: i for i, item_id in enumerate(self.ids)}
-        self.pixels = torch.empty((len(self.ids), 3, img_size, img_size), dtype=torch.uint8)
-        for i, item_id in enumerate(self.ids):
-            t = F.pil_to_tensor(rows.image(row_of[item_id]))
-            t = F.resize(t, img_size, antialias=True)
-            self.pixels[i] = F.center_crop(t, [img_size, img_size])
+        self.spec = spec
+        self.pixels = center_crop_uint8([rows.image(row_of[i]) for i in self.ids], spec.img_size)
 
     def batch(self, item_ids: Sequence[str], flip: Any = None) -> torch.Tensor:
         """Normalised float images of ``item_ids``; ``flip`` is a bool tensor of rows to mirror."""
         import torch
 
-        from visuray.images import IMAGENET_MEAN, IMAGENET_STD
-
-        x = self.pixels[[self.position[i] for i in item_ids]].float().div_(255.0)
+        x = self.pixels[[self.position[i] for i in item_ids]]
         if flip is not None:
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return self.spec.normalise(x)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -350,16 +350,23 @@ def build_objective(cfg: FusionTrainConfig) -> nn.Module:
     return FusionObjective(build_fusion_model(cfg.model), loss)
 
 
+def image_backbone(cfg: FusionTrainConfig) -> BackboneConfig:
+    """The image encoder's backbone config with ``image_init_from`` as its weights when set."""
+    from visuray.models.weights import starting_point
+
+    return starting_point(cfg.model.backbone, cfg.image_init_from)
+
+
 def init_pretrained_parts(model: nn.Module, cfg: FusionTrainConfig) -> list[str]:
-    """Load the pretrained image backbone / text encoder named in ``cfg``; returns what was loaded."""
-    from visuray.checkpoint import load_backbone_weights
+    """Load the pretrained image backbone (``model.backbone.weights``, or ``image_init_from``) and text
+    encoder (``text_init_from``) named in ``cfg``; returns where each came from."""
     from visuray.fusion.model import load_text_encoder_weights
+    from visuray.models.weights import load_pretrained
 
     loaded = []
-    if cfg.image_init_from:
-        loaded.append(
-            load_backbone_weights(model.image_encoder.backbone, cfg.image_init_from, cfg.storage).uri
-        )
+    image = load_pretrained(model.image_encoder.backbone, image_backbone(cfg), cfg.storage)
+    if image is not None:
+        loaded.append(image.source.uri)
     if cfg.text_init_from:
         loaded.append(load_text_encoder_weights(model.text_encoder, cfg.text_init_from, cfg.storage).uri)
     return loaded
@@ -615,6 +622,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     from visuray.checkpoint import unwrap_model
     from visuray.fusion.tokenizer import TextTokenizer
+    from visuray.models.weights import prepare_for_training
     from visuray.train.common import mean_across_ranks
 
     cfg = FusionTrainConfig.model_validate(config["cfg"])
@@ -628,7 +636,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     # ---------------- data ----------------
     items, _ = load_items(cfg.catalog, cfg.data, cfg.storage)
     data = build_fusion_data(items, cfg.data)
-    cache = ImageTensorCache(cfg.catalog, data.all_ids(), cfg.model.backbone.img_size, cfg.storage)
+    cache = ImageTensorCache(cfg.catalog, data.all_ids(), cfg.model.backbone.input_spec, cfg.storage)
 
     # ---------------- model, optimizer, restore ----------------
     objective = build_objective(cfg)
@@ -636,6 +644,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     state = load_train_checkpoint(checkpoint, objective) if checkpoint else {"step": 0, "loss": None}
     if checkpoint is None:
         init_pretrained_parts(objective.model, cfg)
+    # the starting weights were loaded above (not on resume): only the frozen blocks and BatchNorm policy
+    prepare_for_training(
+        objective.model.image_encoder.backbone,
+        image_backbone(cfg),
+        resumed=True,
+        freeze_blocks=tc.freeze_blocks,
+    )
     objective = ray.train.torch.prepare_model(objective)
     optimizer = optimizer_for(objective, tc)
     if state.get("optimizer") is not None:
@@ -757,11 +772,19 @@ def with_absolute_inputs(cfg: FusionTrainConfig) -> FusionTrainConfig:
     return out
 
 
+def precheck(cfg: FusionTrainConfig) -> None:
+    """Before a cluster starts (or the job is submitted): the starting weights exist and fit by name."""
+    from visuray.models.weights import precheck_weights
+
+    precheck_weights(cfg.model.backbone, cfg.storage, cfg.image_init_from)
+
+
 def run_train_fusion(cfg: FusionTrainConfig) -> dict[str, Any]:
     """Train on Ray Train, publish the model with tokenizer, metrics and report; return the summary."""
     from visuray.cluster import ensure_ray
     from visuray.fusion.model import save_fusion_model
     from visuray.fusion.report import render_report
+    from visuray.models.weights import check_pretrained
     from visuray.train.ray_job import fit_checkpointed
 
     # Data and tokenizer problems surface here, in the driver, before any worker starts.
@@ -770,6 +793,7 @@ def run_train_fusion(cfg: FusionTrainConfig) -> dict[str, Any]:
     tokenizer = prepare_tokenizer(cfg, texts, data)
     ensure_ray()
     cfg = with_absolute_inputs(cfg)  # Ray workers do not share the driver's working directory
+    cfg.model.backbone = check_pretrained(cfg.model.backbone, cfg.storage, init_from=cfg.image_init_from)
     cfg.model.text.vocab_size = tokenizer.vocab_size  # the embedding table follows the tokenizer
     log.info(
         "train_fusion %r: %s depth %d, %d steps, %d/%d train/test queries -> %s. %s",

@@ -169,8 +169,9 @@ def resolve_ensemble(spec: EnsembleSpec, options: StorageOptions | None = None) 
 class EmbeddingEnsemble:
     """The loaded member models: ``embed(images)`` -> unit (N, dim) float32 ensemble vectors.
 
-    Every member sees the images through :func:`visuray.images.to_model_input` at its own input size: the
-    one preprocessing path shared by the index job and Serve.
+    Every member sees the images through :func:`visuray.images.to_model_input` at its own input size and
+    normalisation (its weights' mean and std, recorded in the model): the one preprocessing path shared by
+    the index job and Serve.
     """
 
     def __init__(self, resolved: ResolvedEnsemble, device: str = "cpu") -> None:
@@ -181,7 +182,6 @@ class EmbeddingEnsemble:
         self.models = [
             load_embedding_model(m.uri, m.options, map_location=device)[0] for m in resolved.members
         ]
-        self.img_sizes = [int(m.manifest.metadata["img_size"]) for m in resolved.members]
 
     @classmethod
     def load(
@@ -206,6 +206,7 @@ class EmbeddingEnsemble:
             return np.zeros((0, self.dim), dtype=np.float32)
         outputs = []
         with torch.inference_mode():
-            for model, size in zip(self.models, self.img_sizes, strict=True):
-                outputs.append(model(to_model_input(images, size).to(self.device)).float().cpu().numpy())
+            for model in self.models:
+                batch = to_model_input(images, model.input_spec).to(self.device)
+                outputs.append(model(batch).float().cpu().numpy())
         return combine_embeddings(outputs, self.resolved.weights, self.resolved.combine)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from visuray.config import StrictModel
+from visuray.images import InputSpec
 from visuray.models.backbone import BackboneConfig, create_backbone
 
 if TYPE_CHECKING:
@@ -43,10 +44,18 @@ def _embedding_module_class() -> type:
     class EmbeddingModel(nn.Module):
         """``forward(images) -> (N, D)`` unit vectors; ``features(images)`` gives the pooled backbone output."""
 
-        def __init__(self, backbone: nn.Module, embedding_dim: int, projection: str = "linear") -> None:
+        def __init__(
+            self,
+            backbone: nn.Module,
+            embedding_dim: int,
+            projection: str = "linear",
+            input_spec: InputSpec | None = None,
+        ) -> None:
             super().__init__()
             self.backbone = backbone
             self.embedding_dim = embedding_dim
+            # What to_model_input must feed it (size, mean, std): part of the model, not of its caller.
+            self.input_spec = input_spec or InputSpec(224)
             width = int(backbone.num_features)
             if projection == "linear":
                 self.projection = nn.Linear(width, embedding_dim)
@@ -84,6 +93,36 @@ def __getattr__(name: str) -> type:
 
 
 def build_embedding_model(cfg: EmbeddingModelConfig) -> nn.Module:
-    """The embedding model for ``cfg``, randomly initialised (load weights with visuray.checkpoint)."""
+    """The embedding model for ``cfg``, randomly initialised (load weights with visuray.checkpoint, or the
+    backbone's pretrained weights with :func:`visuray.models.weights.load_pretrained`)."""
     model_class = __getattr__("EmbeddingModel")
-    return model_class(create_backbone(cfg.backbone), cfg.embedding_dim, cfg.projection)
+    return model_class(
+        create_backbone(cfg.backbone), cfg.embedding_dim, cfg.projection, cfg.backbone.input_spec
+    )
+
+
+def pooled_feature_model(
+    backbone: BackboneConfig, projection_dim: int | None = None, seed: int = 0
+) -> tuple[nn.Module, EmbeddingModelConfig]:
+    """An embedding model whose embedding is the backbone's L2-normalised pooled features, and its config:
+    what ``visuray import-weights`` publishes (the zero-shot baseline) and DINO exports (the teacher).
+
+    The projection is the identity (``embedding_dim`` = the backbone's width), or with ``projection_dim``
+    a fixed random projection with orthonormal rows (seeded), which keeps inner products of the
+    features approximately while the index shrinks. The backbone is at random init: load its weights."""
+    import torch
+
+    width = int(create_backbone(backbone).num_features)
+    dim = projection_dim or width
+    if dim > width:
+        raise ValueError(f"projection_dim {dim} exceeds the backbone's {width} features")
+    cfg = EmbeddingModelConfig(backbone=backbone, embedding_dim=dim, projection="linear")
+    model = build_embedding_model(cfg)
+    with torch.no_grad():
+        if dim == width:
+            model.projection.weight.copy_(torch.eye(width))
+        else:
+            gaussian = torch.randn(width, dim, generator=torch.Generator().manual_seed(seed))
+            model.projection.weight.copy_(torch.linalg.qr(gaussian).Q.T)
+        model.projection.bias.zero_()
+    return model, cfg

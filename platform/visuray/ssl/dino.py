@@ -122,7 +122,7 @@ def _define_wrapper_module() -> type:
     class MultiCropWrapper(nn.Module):
         """Backbone + DINO head over a list of crops (see :func:`multicrop_forward`); one module, so that
         a DeepSpeed engine wraps (and ZeRO shards) both, and ``backbone.*`` names match the embedding
-        model's, so the exported backbone loads with ``visuray.checkpoint.load_backbone_weights``."""
+        model's, so the exported backbone is a model artifact that ``model.backbone.weights`` takes."""
 
         def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
             super().__init__()

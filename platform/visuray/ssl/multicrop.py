@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from visuray.images import IMAGENET_MEAN, IMAGENET_STD
+
 if TYPE_CHECKING:
     import torch
     from PIL import Image
@@ -35,6 +37,8 @@ class MultiCropAugmentation:
         num_local: int,
         global_scale: tuple[float, float] = (0.4, 1.0),
         local_scale: tuple[float, float] = (0.05, 0.4),
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
     ) -> None:
         if num_local < 0:
             raise ValueError(f"num_local must be >= 0, got {num_local}")
@@ -45,6 +49,7 @@ class MultiCropAugmentation:
         self.num_local = num_local
         self.global_scale = tuple(global_scale)
         self.local_scale = tuple(local_scale)
+        self.mean, self.std = tuple(mean), tuple(std)  # the backbone's own input statistics
         self._views: list[Any] | None = None
 
     @property
@@ -54,8 +59,6 @@ class MultiCropAugmentation:
     def _build(self) -> list[Any]:
         import torch
         from torchvision.transforms import InterpolationMode, v2
-
-        from visuray.images import IMAGENET_MEAN, IMAGENET_STD
 
         def view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float) -> Any:
             steps = [
@@ -70,7 +73,7 @@ class MultiCropAugmentation:
             ]
             if solarize_p > 0:
                 steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))
-            steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+            steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
             return v2.Compose(steps)
 
         first = view(self.global_size, self.global_scale, blur_p=1.0, solarize_p=0.0)

@@ -72,6 +72,17 @@ def keep_checkpoints_field(default: int = 2) -> Any:
     return Field(default, ge=1, description="the latest N checkpoints are kept; 2 survives a torn write")
 
 
+def freeze_blocks_field(default: int = 0) -> Any:
+    """``train.freeze_blocks`` (:func:`visuray.models.backbone.freeze_first_blocks`)."""
+    return Field(
+        default,
+        ge=0,
+        description="freeze the stem and the first N block groups (ViT blocks, CNN stages; their BatchNorm "
+        "statistics too) for the whole run: keeps the generic low-level features of a pretrained backbone "
+        "and saves their gradients, a large share of a CNN's training time. 0 = none",
+    )
+
+
 def log_every_field(default: int = 10) -> Any:
     """``train.log_every``."""
     return Field(default, ge=1, description="steps between a log line and a ray.train.report of metrics")

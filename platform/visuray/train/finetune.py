@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from visuray.config import StrictModel
+from visuray.images import InputSpec
+from visuray.models.backbone import freeze_first_blocks as freeze_first_blocks  # re-exported for callers
 from visuray.models.embedding import EmbeddingModelConfig
 from visuray.storage import StorageOptions
 from visuray.train import common
@@ -92,12 +94,7 @@ class TrainSection(common.TrainLoopSection):
     clip_grad_norm: float | None = Field(
         3.0, gt=0, description="gradient-norm clip (DINO uses 3.0); guards against hard-triplet spikes"
     )
-    freeze_blocks: int = Field(
-        0,
-        ge=0,
-        description="freeze the patch embedding and the first N transformer blocks for the whole run: "
-        "keeps generic low-level features of a pretrained backbone and saves their gradients. 0 = none",
-    )
+    freeze_blocks: int = common.freeze_blocks_field()
     freeze_backbone_steps: int = Field(
         0,
         ge=0,
@@ -108,8 +105,9 @@ class TrainSection(common.TrainLoopSection):
         None,
         gt=0,
         le=1,
-        description="layer-wise learning-rate decay: block i of L gets lr * decay^(L + 1 - i), the head "
-        "the full lr. 0.65-0.75 is usual when fine-tuning a pretrained ViT (BEiT, MAE); None = one lr",
+        description="layer-wise learning-rate decay: block group i of L (ViT block, CNN stage) gets lr * "
+        "decay^(L + 1 - i), the head the full lr. 0.65-0.75 is usual when fine-tuning a pretrained ViT "
+        "(BEiT, MAE); None = one lr",
     )
     checkpoint_every: int = common.checkpoint_every_field()
     keep_checkpoints: int = common.keep_checkpoints_field()
@@ -198,7 +196,9 @@ class FinetuneConfig(StrictModel):
     output: str = Field(..., description="URI of the model artifact to publish a new version into")
     run_dir: str = common.run_dir_field()
     init_from: str | None = Field(
-        None, description="model artifact whose backbone initialises this one (e.g. an SSL checkpoint)"
+        None,
+        description="model artifact whose backbone initialises this one (e.g. a DINO-continued model); "
+        "the same as model.backbone.weights=<artifact>, and replaces it when set",
     )
     model: EmbeddingModelConfig = Field(default_factory=EmbeddingModelConfig)
     train: TrainSection = Field(default_factory=TrainSection)
@@ -214,20 +214,19 @@ class FinetuneConfig(StrictModel):
 # ----------------------------------------------------------------------------------------------------
 
 
-def train_transform(img_size: int) -> Any:
-    """Light augmentation for metric learning: the same product under crops and flips stays the same."""
+def train_transform(spec: InputSpec) -> Any:
+    """Light augmentation for metric learning: the same product under crops and flips stays the same.
+    Normalised with the model's own statistics (``spec``), as every later stage feeds it."""
     import torch
     from torchvision.transforms import v2
-
-    from visuray.images import IMAGENET_MEAN, IMAGENET_STD
 
     return v2.Compose(
         [
             v2.PILToTensor(),
-            v2.RandomResizedCrop(img_size, scale=(0.6, 1.0), antialias=True),
+            v2.RandomResizedCrop(spec.img_size, scale=(0.6, 1.0), antialias=True),
             v2.RandomHorizontalFlip(),
             v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            v2.Normalize(spec.mean, spec.std),
         ]
     )
 
@@ -291,36 +290,16 @@ def build_sampler(labels: TrainingLabels, tc: TrainSection, rank: int, world_siz
     return PKSampler(labels.labels, tc.p, tc.k, seed=tc.seed, rank=rank, world_size=world_size)
 
 
-def _vit_blocks(backbone: nn.Module, what: str) -> int:
-    blocks = getattr(backbone, "blocks", None)
-    if blocks is None:
-        raise ValueError(
-            f"{what} needs a backbone with transformer blocks (a timm ViT), not {type(backbone)}"
-        )
-    return len(blocks)
+def model_depths(model: nn.Module) -> tuple[dict[str, int], int]:
+    """Depth of every parameter of the embedding model and the backbone's number of block groups B:
+    the backbone's own (:func:`visuray.models.backbone.parameter_depths`: 0 stem, 1..B blocks, B + 1
+    final layers), and B + 1 for the projection."""
+    from visuray.models.backbone import parameter_depths
 
-
-def layer_id(name: str, num_blocks: int) -> int:
-    """Depth of a parameter of the embedding model: 0 for the ViT stem (patch embedding, tokens,
-    positions), i + 1 for ``blocks.i``, ``num_blocks + 1`` for the final norm and the projection."""
-    if not name.startswith("backbone."):
-        return num_blocks + 1
-    name = name[len("backbone.") :]
-    if name.startswith(("patch_embed", "cls_token", "pos_embed", "reg_token")):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return num_blocks + 1
-
-
-def freeze_first_blocks(backbone: nn.Module, num_blocks: int) -> None:
-    """``requires_grad=False`` for the stem and the first ``num_blocks`` blocks of a timm ViT."""
-    total = _vit_blocks(backbone, "train.freeze_blocks")
-    if num_blocks > total:
-        raise ValueError(f"train.freeze_blocks={num_blocks} but the backbone has only {total} blocks")
-    for name, param in backbone.named_parameters():
-        if layer_id("backbone." + name, total) <= num_blocks:
-            param.requires_grad_(False)
+    depths, num_blocks = parameter_depths(model.backbone)
+    out = {name: num_blocks + 1 for name, _ in model.named_parameters()}
+    out.update({"backbone." + name: depth for name, depth in depths.items()})
+    return out, num_blocks
 
 
 @dataclass
@@ -345,12 +324,11 @@ def finetune_param_groups(
                 groups.setdefault(key, []).append(param)
         items = [((bb, dec), 1.0, params) for (bb, dec), params in sorted(groups.items())]
     else:
-        num_blocks = _vit_blocks(model.backbone, "train.layer_decay")
+        depth_of, num_blocks = model_depths(model)
         groups = {}
         for name, param in model.named_parameters():
             if param.requires_grad:
-                depth = layer_id(name, num_blocks)
-                key = (name.startswith("backbone."), param.ndim >= 2, depth)
+                key = (name.startswith("backbone."), param.ndim >= 2, depth_of[name])
                 groups.setdefault(key, []).append(param)
         items = [
             ((bb, dec), layer_decay ** (num_blocks + 1 - depth), params)
@@ -440,8 +418,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     from visuray.catalog.readers import CatalogTorchDataset
-    from visuray.checkpoint import load_backbone_weights
     from visuray.models.embedding import build_embedding_model
+    from visuray.models.weights import prepare_for_training, starting_point
     from visuray.train.deepspeed_engine import (
         build_engine,
         engine_dtype,
@@ -461,9 +439,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
 
     # ---------------- data ----------------
-    dataset = CatalogTorchDataset(
-        cfg.catalog, cfg.storage, transform=train_transform(cfg.model.backbone.img_size), as_tuple=True
-    )
+    spec = cfg.model.backbone.input_spec
+    dataset = CatalogTorchDataset(cfg.catalog, cfg.storage, transform=train_transform(spec), as_tuple=True)
     labels = training_labels(dataset, cfg)
     # The loader yields (image, dataset.labels[i]): for the adaptive triplet loss, the fine classes.
     dataset.labels = labels.labels
@@ -473,10 +450,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     # ---------------- model, engine, restore ----------------
     model = build_embedding_model(cfg.model)
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and cfg.init_from:
-        load_backbone_weights(model.backbone, cfg.init_from, cfg.storage)
-    if tc.freeze_blocks:
-        freeze_first_blocks(model.backbone, tc.freeze_blocks)
+    # Weights checked by the driver (check_pretrained) before the workers started; a resumed run restores
+    # its own below.
+    backbone_cfg = starting_point(cfg.model.backbone, cfg.init_from)
+    prepare_for_training(model.backbone, backbone_cfg, cfg.storage, checkpoint is not None, tc.freeze_blocks)
     groups, group_info = finetune_param_groups(model, tc.weight_decay, tc.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=tc.lr)
     bf16 = wants_bf16(cfg.deepspeed.precision)
@@ -491,7 +468,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     schedule = lr_schedule(tc.lr, tc.min_lr, tc.steps, tc.warmup_steps)
     validation = None
     if cfg.validation.catalog is not None:
-        validation = ValidationSet.load(cfg.validation, cfg.storage, cfg.model.backbone.img_size)
+        validation = ValidationSet.load(cfg.validation, cfg.storage, spec)
     if rank == 0:
         origin = f"resuming at step {state['step']}" if checkpoint else "starting at step 0"
         log.info(
@@ -594,6 +571,23 @@ def build_trainer(cfg: FinetuneConfig) -> Any:
     return build_torch_trainer(train_loop_per_worker, loop_config, cfg)
 
 
+def with_checked_weights(cfg: FinetuneConfig) -> FinetuneConfig:
+    """``cfg`` with its backbone's starting weights checked and their preprocessing recorded
+    (:func:`visuray.models.weights.check_pretrained`); ``init_from`` becomes the weights."""
+    from visuray.models.weights import check_pretrained
+
+    backbone = check_pretrained(cfg.model.backbone, cfg.storage, init_from=cfg.init_from)
+    model = cfg.model.model_copy(update={"backbone": backbone})
+    return cfg.model_copy(update={"model": model})
+
+
+def precheck(cfg: FinetuneConfig) -> None:
+    """Before a cluster starts (or the job is submitted): the starting weights exist and fit by name."""
+    from visuray.models.weights import precheck_weights
+
+    precheck_weights(cfg.model.backbone, cfg.storage, cfg.init_from)
+
+
 def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Train on Ray Train, publish the final weights as a model artifact, return the run's summary."""
     from visuray.checkpoint import save_model
@@ -602,6 +596,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from visuray.train.ray_job import fit_checkpointed
 
     ensure_ray()
+    cfg = with_checked_weights(cfg)
     log.info("finetune %r: %d steps on %s -> %s", cfg.name, cfg.train.steps, cfg.catalog, cfg.output)
     result, summary = fit_checkpointed(build_trainer(cfg), "finetune", cfg.name)
     # The summary comes from rank 0's return value, with the checkpoint's own state as the fallback.

@@ -4,8 +4,9 @@ The driver (:func:`run_pretrain`) streams the catalog's images through Ray Data 
 whose workers run :func:`train_loop_per_worker`: decode and multi-crop their shard's images, run the
 student (a DeepSpeed engine at the configured ZeRO stage) on all crops and the EMA teacher (a plain,
 full copy on every worker) on the global crops, step, update the teacher and the centre, log, report and
-checkpoint. After ``fit()`` the teacher's backbone (DINO evaluates the teacher) is published as a model
-artifact that ``visuray.checkpoint.load_embedding_model`` and ``load_backbone_weights`` read: an embedding
+checkpoint. Student and teacher start from the same ``model.backbone.weights`` (the bundled ImageNet
+weights by default: domain-adaptive self-supervision on the catalog's own photos; null for random init). After ``fit()`` the teacher's backbone (DINO evaluates the teacher) is published as a model
+artifact that ``visuray.checkpoint.load_embedding_model`` and ``model.backbone.weights`` read: an embedding
 model whose projection is the identity (``embedding_dim`` = the backbone's width, zero bias), so its
 embedding is the L2-normalised pooled teacher feature that DINO's k-NN evaluation uses.
 
@@ -194,7 +195,9 @@ class PretrainExportSection(StrictModel):
         ge=0,
         description="catalog images (a seeded random sample, serving preprocessing) over which a backbone "
         "with BatchNorm gets its running statistics recomputed before publishing; the teacher's own are "
-        "averages over augmented crops. 0 publishes the teacher's. No effect on models without BatchNorm",
+        "averages over augmented crops. 0 publishes the teacher's. No effect on models without BatchNorm, "
+        "nor when model.backbone.batchnorm_statistics holds the starting weights' fixed (pretrained starts: "
+        "re-estimating ImageNet statistics on the 300 demo photos cut their leave-one-out Recall@1 0.63 -> 0.46)",
     )
 
 
@@ -276,7 +279,9 @@ def build_teacher(student: nn.Module, model_cfg: SSLModelSection) -> nn.Module:
     """The teacher: the student's architecture without stochastic depth (DINO), its weights, no grads.
 
     It stays in train mode as in DINO (a CNN's BatchNorm normalises with batch statistics, not with
-    running averages that the EMA never updates); ViTs have no mode-dependent layers at drop_path 0.
+    running averages that the EMA never updates), unless ``model.backbone.batchnorm_statistics`` holds the
+    starting weights' statistics (pretrained starts), which student and teacher then both use; ViTs have no
+    mode-dependent layers at drop_path 0.
     """
     teacher = build_dino_model(model_cfg, drop_path_rate=0.0)
     teacher.load_state_dict(student.state_dict())
@@ -437,6 +442,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from visuray.images import decode_image
+    from visuray.models.backbone import hold_batchnorm_statistics
+    from visuray.models.weights import load_pretrained
     from visuray.observability import ScalarLog
     from visuray.ssl.dino import DINOLoss, update_teacher
     from visuray.ssl.multicrop import MultiCropAugmentation
@@ -460,7 +467,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     # ---------------- model, teacher, engine ----------------
     student = build_dino_model(mc)
+    # Student and teacher start from the same pretrained weights (domain-adaptive DINO); a resumed run
+    # replaces them with its checkpoint's below.
+    load_pretrained(student.backbone, mc.backbone, cfg.storage)
     teacher = build_teacher(student, mc).to(device)
+    for model in (student, teacher):  # both normalise alike: pretrained statistics held, or batch ones
+        hold_batchnorm_statistics(model.backbone, mc.backbone)
     optimizer = torch.optim.AdamW(dino_param_groups(student, tc.weight_decay), lr=tc.lr)
     bf16 = wants_bf16(cfg.deepspeed.precision)
     ds_config = resolve_deepspeed_config(config["deepspeed"], tc.batch_size_per_worker, tc.clip_grad, bf16)
@@ -482,7 +494,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     validation = None
     if cfg.validation.catalog is not None:
-        validation = ValidationSet.load(cfg.validation, cfg.storage, mc.backbone.img_size)
+        validation = ValidationSet.load(cfg.validation, cfg.storage, mc.backbone.input_spec)
 
     def teacher_features(batch: torch.Tensor) -> torch.Tensor:
         # What the published model embeds: the teacher backbone's pooled features, unit length.
@@ -491,12 +503,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         )
 
     # ---------------- data ----------------
+    spec = mc.backbone.input_spec
     augment = MultiCropAugmentation(
-        mc.backbone.img_size,
+        spec.img_size,
         cfg.crops.local_size,
         cfg.crops.num_local,
         cfg.crops.global_scale,
         cfg.crops.local_scale,
+        spec.mean,
+        spec.std,
     )
     batches = stream_image_batches(
         ray.train.get_dataset_shard("train"),
@@ -653,23 +668,14 @@ def export_teacher_backbone(
 ) -> Any:
     """Publish the teacher's backbone as an embedding model with an identity projection (see the module
     docstring); returns the artifact."""
-    import torch
-
     from visuray.checkpoint import BACKBONE_PREFIX, load_state_dict_strict, save_model
-    from visuray.models.backbone import create_backbone
-    from visuray.models.embedding import EmbeddingModelConfig, build_embedding_model
+    from visuray.models.embedding import pooled_feature_model
 
-    backbone_cfg = cfg.model.backbone.model_copy(update={"drop_path_rate": 0.0})
-    width = int(create_backbone(backbone_cfg).num_features)
-    model_cfg = EmbeddingModelConfig(backbone=backbone_cfg, embedding_dim=width, projection="linear")
-    model = build_embedding_model(model_cfg)
+    model, model_cfg = pooled_feature_model(cfg.model.backbone.model_copy(update={"drop_path_rate": 0.0}))
     backbone = {
         k[len(BACKBONE_PREFIX) :]: v for k, v in teacher_tensors.items() if k.startswith(BACKBONE_PREFIX)
     }
     load_state_dict_strict(model.backbone, backbone, "the pretraining teacher's backbone")
-    with torch.no_grad():
-        model.projection.weight.copy_(torch.eye(width))
-        model.projection.bias.zero_()
     batchnorm = recalibrate_batchnorm(model.backbone, cfg)
     return save_model(
         cfg.output, model, model_cfg, job_cfg=cfg,
@@ -688,14 +694,32 @@ def recalibrate_batchnorm(backbone: nn.Module, cfg: PretrainConfig) -> str | Non
 
     if not batchnorm_layers(backbone):
         return None
+    if cfg.model.backbone.freezes_batchnorm:
+        return "the starting weights' (held fixed while training: model.backbone.batchnorm_statistics)"
     if cfg.export.batchnorm_images == 0:
         return "the teacher's running averages over augmented training crops"
     images = sample_catalog_images(
         absolute_uri(cfg.catalog), cfg.export.batchnorm_images, cfg.storage, seed=cfg.train.seed
     )
     log.info("re-estimating BatchNorm statistics on %d catalog images", len(images))
-    seen = reestimate_batchnorm(backbone, encoded_image_batches(images, cfg.model.backbone.img_size))
+    seen = reestimate_batchnorm(backbone, encoded_image_batches(images, cfg.model.backbone.input_spec))
     return f"re-estimated on {seen} catalog images (serving preprocessing)"
+
+
+def with_checked_weights(cfg: PretrainConfig) -> PretrainConfig:
+    """``cfg`` with the backbone's starting weights checked and their preprocessing recorded
+    (:func:`visuray.models.weights.check_pretrained`), before any worker starts."""
+    from visuray.models.weights import check_pretrained
+
+    backbone = check_pretrained(cfg.model.backbone, cfg.storage)
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"backbone": backbone})})
+
+
+def precheck(cfg: PretrainConfig) -> None:
+    """Before a cluster starts (or the job is submitted): the starting weights exist and fit by name."""
+    from visuray.models.weights import precheck_weights
+
+    precheck_weights(cfg.model.backbone, cfg.storage)
 
 
 def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
@@ -704,6 +728,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     from visuray.train.ray_job import fit_checkpointed
 
     ensure_ray()
+    cfg = with_checked_weights(cfg)
     log.info("pretrain %r: %d steps on %s -> %s", cfg.name, cfg.train.steps, cfg.catalog, cfg.output)
     result, summary = fit_checkpointed(build_trainer(cfg), "pretrain", cfg.name)
     with result.checkpoint.as_directory() as directory:

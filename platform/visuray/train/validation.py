@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from visuray.config import StrictModel
+from visuray.images import InputSpec
 from visuray.storage import StorageOptions
 
 
@@ -61,7 +62,7 @@ class ValidationSet:
         self.section = section
 
     @classmethod
-    def load(cls, section: ValidationSection, options: StorageOptions, img_size: int) -> ValidationSet:
+    def load(cls, section: ValidationSection, options: StorageOptions, spec: InputSpec) -> ValidationSet:
         from visuray.catalog.readers import NO_LABEL, CatalogRows
         from visuray.images import to_model_input
 
@@ -74,7 +75,7 @@ class ValidationSet:
             )
         if len(labelled) > section.max_items:
             labelled = sorted(random.Random(section.seed).sample(labelled, section.max_items))
-        inputs = to_model_input([rows.image(i) for i in labelled], img_size)
+        inputs = to_model_input([rows.image(i) for i in labelled], spec)
         return cls(inputs, [rows.labels[i] for i in labelled], section)
 
     def __len__(self) -> int:
