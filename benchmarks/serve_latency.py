@@ -7,7 +7,7 @@ Questions:
    FastAPI + uvicorn app that loads the same model artifact with the platform's loader
    (:class:`visuray.index.ensemble.EmbeddingEnsemble`) and the same FAISS index
    (:class:`visuray.index.faiss_index.SearchIndex`), parses the upload with the router's own parser
-   (:func:`visuray.serving_io.read_query`), decodes and downscales it the router's way, embeds, searches
+   (:func:`visuray.serving.schemas.read_query`), decodes and downscales it the router's way, embeds, searches
    and returns ids and scores.
 2. Batching: ``/v1/embed`` throughput at concurrency 32 with the embedder's ``@serve.batch`` at the
    configured ``max_batch_size`` against ``max_batch_size=1`` (same replicas, same everything else), over
@@ -162,7 +162,7 @@ def baseline_app(model_uri: str, index_uri: str, threads: int, mode: str, device
     from visuray.index.ensemble import EmbeddingEnsemble, ensemble_spec
     from visuray.index.faiss_index import SearchIndex
     from visuray.serving import ServeAppArgs, check_index_matches_model
-    from visuray.serving_io import ClientError, parse_k, read_query
+    from visuray.serving.schemas import ClientError, parse_k, read_query
 
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(1)  # one query at a time: FAISS threads would only add overhead

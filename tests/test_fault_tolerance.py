@@ -467,7 +467,7 @@ def test_router_retries_a_dead_replica_and_answers_503_when_none_is_left() -> No
 
     from ray.exceptions import ActorDiedError
 
-    from visuray.serving_router import REPLICA_RETRIES, _replica_gone, call_with_retry
+    from visuray.serving.router import REPLICA_RETRIES, _replica_gone, call_with_retry
 
     flaky = FlakyRemote(REPLICA_RETRIES, lambda x: x * 2)
     assert asyncio.run(call_with_retry(flaky, 21)) == 42 and flaky.calls == REPLICA_RETRIES + 1
@@ -488,7 +488,7 @@ def test_models_answer_asks_a_dead_replicas_deployment_again() -> None:
     import asyncio
     from types import SimpleNamespace
 
-    from visuray.serving_router import Router
+    from visuray.serving.router import Router
 
     class Items:
         version = "c1"

@@ -10,9 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from visuray.observability import ScalarLog, parse_prometheus, route_label
+from visuray.serving.metrics import parse_prometheus, route_label
 from visuray.status import format_overview, overview
 from visuray.storage import ArtifactWriter
+from visuray.train.scalars import ScalarLog
 
 # Ray keeps a gauge sample for two metric export intervals (2 x 10 s by default) unless it is set again.
 GAUGE_TTL_S = 20

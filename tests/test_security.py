@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from tests.test_serve import Served, build_served_artifacts, multipart, served_app_args, wait_until_healthy
-from visuray.security import ApiKeyGuard, load_api_keys, parse_api_keys, presented_key
 from visuray.serving import ServeAppArgs
+from visuray.serving.security import ApiKeyGuard, load_api_keys, parse_api_keys, presented_key
 
 OPS_APP = "visuray-ops"
 OPS_PREFIX = "/ops"
@@ -52,7 +52,7 @@ def ops_app(tmp_path_factory: pytest.TempPathFactory) -> OpsApp:
         from ray import serve
 
         from tests.conftest import free_port
-        from visuray.serving_app import build_app
+        from visuray.serving.deployments import build_app
 
         tmp = tmp_path_factory.mktemp("ops")
         built = build_served_artifacts(tmp)
@@ -107,7 +107,7 @@ def test_guard_compares_every_key_in_constant_time(monkeypatch: pytest.MonkeyPat
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr("visuray.security.hmac.compare_digest", spy)
+    monkeypatch.setattr("visuray.serving.security.hmac.compare_digest", spy)
     guard = ApiKeyGuard(("first", "second", "third"))
     assert guard.accepts("first") and guard.accepts("third")
     calls.clear()
@@ -155,12 +155,17 @@ def test_configs_written_beside_artifacts_carry_no_storage_credentials() -> None
 def test_serving_code_has_no_way_to_fetch_a_url() -> None:
     """The request path never opens a client connection: no HTTP client or URL opener is used by the
     router, the input parsing or the deployments (catalog images come from storage, by item id)."""
-    import visuray.serving_app
-    import visuray.serving_catalog
-    import visuray.serving_io
-    import visuray.serving_router
+    import visuray.serving.catalog_items
+    import visuray.serving.deployments
+    import visuray.serving.router
+    import visuray.serving.schemas
 
-    for module in (visuray.serving_router, visuray.serving_io, visuray.serving_app, visuray.serving_catalog):
+    for module in (
+        visuray.serving.router,
+        visuray.serving.schemas,
+        visuray.serving.deployments,
+        visuray.serving.catalog_items,
+    ):
         source = inspect.getsource(module)
         for opener in ("urlopen", "httpx", "requests.", "aiohttp", "urllib.request", "fsspec.open("):
             assert opener not in source, f"{module.__name__} uses {opener}"

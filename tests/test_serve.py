@@ -137,7 +137,7 @@ def publish_test_index(
 
 def build_served_artifacts(tmp: Path) -> dict[str, Any]:
     """Catalog, a 2-model ensemble and its index, a fusion model and its target index, an attribute model."""
-    from visuray.serving_adapters import load_fusion_model
+    from visuray.predictors import load_fusion_model
 
     records = catalog_records()
     write_catalog(records, str(tmp / "catalog"), shard_rows=5)
@@ -520,7 +520,7 @@ def test_every_client_mistake_is_a_4xx_json_error_and_the_service_survives(serve
 
 # ---------------------------------------------------------------------------- version pairing
 def test_an_index_of_another_model_is_refused(served: Served) -> None:
-    from visuray.serving_app import build_app
+    from visuray.serving.deployments import build_app
 
     other_version = save_tiny_model(str(served.tmp / "other-model"), seed=5)
     args = served.args.model_copy(update={"ensemble": None, "model": str(served.tmp / "other-model")})
@@ -538,8 +538,8 @@ def test_search_replica_reconfigure_swaps_and_refuses(served: Served, tmp_path: 
     """In process: reconfigure loads a compatible index beside the old one, and keeps the old on a mismatch."""
     import asyncio
 
-    from visuray.serving import BatchSettings
-    from visuray.serving_app import Search
+    from visuray.serving.args import BatchSettings
+    from visuray.serving.deployments import Search
 
     replica = Search.func_or_class(served.args.storage, served.model_version, 32, BatchSettings(), 1)
     vectors = np.random.default_rng(0).standard_normal((5, 32)).astype(np.float32)
@@ -570,7 +570,7 @@ def test_search_replica_reconfigure_swaps_and_refuses(served: Served, tmp_path: 
 def test_optional_deployments_answer_503_when_not_configured(served: Served) -> None:
     from ray import serve
 
-    from visuray.serving_app import build_app
+    from visuray.serving.deployments import build_app
 
     args = served.args.model_copy(
         update={"fusion": None, "attributes": None, "index_reload_interval_s": None}

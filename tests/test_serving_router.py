@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from visuray.serving_io import ModelsResponse
-from visuray.serving_router import SharedRefresh, shows_index_version
+from visuray.serving.router import SharedRefresh, shows_index_version
+from visuray.serving.schemas import ModelsResponse
 
 
 class Clock:
@@ -176,8 +176,8 @@ def test_guard_and_measure_records_every_answer_and_refuses_without_a_key() -> N
     import httpx
     from fastapi import FastAPI
 
-    from visuray.security import OPEN_PATHS, ApiKeyGuard
-    from visuray.serving_router import GuardAndMeasure
+    from visuray.serving.router import GuardAndMeasure
+    from visuray.serving.security import OPEN_PATHS, ApiKeyGuard
 
     app = FastAPI()
     ran: list[str] = []

@@ -28,7 +28,7 @@ class FusionTargets(StrictModel):
 
     fusion: str = Field(description="fusion model checkpoint URI (root or version folder)")
     loader: str = Field(
-        "visuray.serving_adapters:load_fusion_model",
+        "visuray.predictors:load_fusion_model",
         description="import path of `loader(uri, storage) -> FusionModel`, as in the Serve app args",
     )
 
@@ -54,7 +54,7 @@ class CatalogEmbedder:
         import torch
 
         from visuray.index.ensemble import EmbeddingEnsemble
-        from visuray.serving_adapters import FusionModel, load_checked
+        from visuray.predictors import FusionModel, load_checked
 
         # One actor per CPU slot: torch's default of one thread per core would oversubscribe the node.
         torch.set_num_threads(max(1, num_threads))

@@ -444,7 +444,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from visuray.images import decode_image
     from visuray.models.backbone import hold_batchnorm_statistics
     from visuray.models.weights import load_pretrained
-    from visuray.observability import ScalarLog
     from visuray.ssl.dino import DINOLoss, update_teacher
     from visuray.ssl.multicrop import MultiCropAugmentation
     from visuray.train.common import mean_across_ranks
@@ -456,6 +455,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         resolve_deepspeed_config,
         wants_bf16,
     )
+    from visuray.train.scalars import ScalarLog
     from visuray.train.validation import ValidationSet
 
     cfg = PretrainConfig.model_validate(config["job"])

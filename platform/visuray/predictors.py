@@ -1,4 +1,5 @@
-"""What the Fusion and Attributes deployments need from a model, and the loaders that provide it.
+"""What the Fusion and Attributes deployments (and the index job's fusion targets) need from a model, and
+the loaders that provide it: the neutral ground between the task packages and indexing/serving.
 
 The deployments depend on these two small interfaces, not on the training packages: the default loaders
 adapt :class:`visuray.fusion.predict.FusionPredictor` and
@@ -85,9 +86,14 @@ def load_attribute_model(
     return AttributePredictor.load(uri, storage, device=device)
 
 
+# Where the default loaders lived before the serving package: Serve configs written then still name it.
+MOVED_LOADER_MODULES = {"visuray.serving_adapters": "visuray.predictors"}
+
+
 def import_loader(path: str) -> Callable[..., Any]:
     """The callable at ``module:attribute`` (dots allowed in the attribute, e.g. ``mod:Class.load``)."""
     module_name, _, attribute = path.partition(":")
+    module_name = MOVED_LOADER_MODULES.get(module_name, module_name)
     if not module_name or not attribute:
         raise ValueError(f"loader {path!r} must look like 'package.module:function'")
     target: Any = importlib.import_module(module_name)

@@ -1,12 +1,10 @@
-"""Metrics of the Serve application and TensorBoard logs of training.
+"""Metrics of the Serve application.
 
-Serve: the router records, per request, a counter by route and status, a latency histogram by route, an
+The router records, per request, a counter by route and status, a latency histogram by route, an
 error counter by status, and a gauge ``visuray_served_version`` (value 1) whose tags name the model,
 index and catalog versions being served. They are ``ray.serve.metrics`` objects, so Serve adds the
 deployment, replica and application tags, and Ray exports them with its own metrics on every node's
 metrics-export port (Prometheus format; ``ray_`` prefixed) -- scraped like Ray's built-in Serve metrics.
-
-Training: :class:`ScalarLog` writes ``train/*`` scalars with ``torch.utils.tensorboard`` from rank 0.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ import re
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -125,29 +122,3 @@ def parse_prometheus(text: str, name: str) -> list[tuple[dict[str, str], float]]
             labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(1)))
             samples.append((labels, float(match.group(2))))
     return samples
-
-
-class ScalarLog:
-    """TensorBoard scalars of one training run (rank 0 only); a no-op when ``log_dir`` is None."""
-
-    def __init__(self, log_dir: str | None) -> None:
-        self.writer: Any = None
-        if log_dir is None:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(log_dir=log_dir)
-        self.log_dir = log_dir
-
-    def scalars(self, metrics: Mapping[str, Any], step: int) -> None:
-        if self.writer is None:
-            return
-        for key, value in metrics.items():
-            if isinstance(value, int | float) and key != "step":
-                self.writer.add_scalar(key, float(value), step)
-        self.writer.flush()  # a crash (or a killed worker) keeps what was logged so far
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None

@@ -2,7 +2,7 @@
 
 Routes: ``/`` (the web page), ``/healthz``, ``/v1/models``, ``/v1/embed``, ``/v1/search``,
 ``/v1/search/composed``, ``/v1/attributes``, ``/v1/items`` and ``/v1/items/{id}[/image]``; the OpenAPI
-schema is FastAPI's ``/openapi.json``. The router parses and validates (:mod:`visuray.serving_io`),
+schema is FastAPI's ``/openapi.json``. The router parses and validates (:mod:`visuray.serving.schemas`),
 decodes the image once, and forwards pixels to the model deployments and vectors to the search
 deployments; it names the hits from catalog metadata held in memory. A model deployment that is not
 configured makes its route answer 503 with ``{"error": "... not configured ..."}``.
@@ -33,11 +33,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from visuray.config import StrictModel
 from visuray.images import ImageDecodeError, decode_image, resize_max_side
-from visuray.observability import ServeMetrics
-from visuray.security import ApiKeyGuard, guard_from
-from visuray.serving import ServeAppArgs
-from visuray.serving_catalog import CatalogItems
-from visuray.serving_io import (
+from visuray.serving.args import ServeAppArgs
+from visuray.serving.catalog_items import CatalogItems
+from visuray.serving.metrics import ServeMetrics
+from visuray.serving.schemas import (
     AttributeScore,
     AttributesResponse,
     ClientError,
@@ -60,6 +59,7 @@ from visuray.serving_io import (
     read_query,
     request_body_openapi,
 )
+from visuray.serving.security import ApiKeyGuard, guard_from
 from visuray.storage import StorageOptions
 
 log = logging.getLogger(__name__)

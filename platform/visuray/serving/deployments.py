@@ -1,6 +1,6 @@
 """The Ray Serve deployments behind the router, and the typed application builder.
 
-Request path (the router is in :mod:`visuray.serving_router`): the router reads, validates and decodes the
+Request path (the router is in :mod:`visuray.serving.router`): the router reads, validates and decodes the
 upload, then hands the decoded pixels (downscaled to ``query_max_side``) to a model deployment:
 
 - ``EmbeddingEnsemble``: pixels -> the ensemble's unit vector (``@serve.batch``: concurrent queries share
@@ -26,7 +26,7 @@ from ray import serve
 from ray.serve import Application
 
 from visuray.index.ensemble import EnsembleSpec
-from visuray.serving import (
+from visuray.serving.args import (
     BatchSettings,
     IncompatibleIndexError,
     ServeAppArgs,
@@ -111,7 +111,7 @@ class FusionDeployment:
     ) -> None:
         import torch
 
-        from visuray.serving_adapters import FusionModel, load_checked
+        from visuray.predictors import FusionModel, load_checked
 
         torch.set_num_threads(num_threads)
         self.device = _device()
@@ -144,7 +144,7 @@ class AttributesDeployment:
     ) -> None:
         import torch
 
-        from visuray.serving_adapters import AttributeModel, load_checked
+        from visuray.predictors import AttributeModel, load_checked
 
         torch.set_num_threads(num_threads)
         self.device = _device()
@@ -316,7 +316,7 @@ def build_app(args: ServeAppArgs) -> Application:
     built with another model or ensemble (version or dimension). Reads only manifests: no model loads.
     """
     from visuray.index.ensemble import resolve_ensemble
-    from visuray.serving_router import Router, RouterSettings
+    from visuray.serving.router import Router, RouterSettings
     from visuray.storage import ArtifactError, resolve_artifact
 
     if isinstance(args, dict):  # a plain dict from Python callers; Serve's config path validates itself
