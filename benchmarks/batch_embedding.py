@@ -77,8 +77,8 @@ def torch_loop(catalog_uri: str, model_uri: str, batch_size: int) -> tuple[list[
     import pyarrow.parquet as pq
     import torch
 
-    from visuray.checkpoint import load_embedding_model
     from visuray.images import decode_image, to_model_input
+    from visuray.models.embedding import load_embedding_model
     from visuray.storage import resolve_artifact
 
     catalog = resolve_artifact(catalog_uri)

@@ -217,7 +217,8 @@ def embed(model: Any, images: list[bytes], img_size: int) -> np.ndarray:
 def random_init_model(model_cfg: dict) -> Any:
     import torch
 
-    from visuray.models.embedding import EmbeddingModelConfig, build_embedding_model
+    from visuray.models.config import EmbeddingModelConfig
+    from visuray.models.embedding import build_embedding_model
 
     torch.manual_seed(0)
     return build_embedding_model(EmbeddingModelConfig.model_validate(model_cfg)).eval()
@@ -233,7 +234,7 @@ def baseline_embedders(model_cfg: dict, args: Any) -> dict[str, Any]:
         "random init": lambda images: embed(random_init_model(model_cfg), images, img_size),
     }
     if args.ssl_model:
-        from visuray.checkpoint import load_embedding_model
+        from visuray.models.embedding import load_embedding_model
 
         ssl, artifact = load_embedding_model(args.ssl_model)
         out["SSL only (DINO)"] = lambda images: embed(

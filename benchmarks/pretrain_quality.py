@@ -28,7 +28,7 @@ Data: the fashion-products catalog (9,583 studio photos; label = ``articleType``
   initialisation (seed 0, the architecture of the pretrained model); the same random backbone with its
   BatchNorm statistics re-estimated on the evaluated photos (a stronger random baseline: a random CNN in
   eval mode normalises with the init's running statistics 0/1); the pretrained backbone
-  (``visuray.checkpoint.load_embedding_model``), as published (its BatchNorm statistics are the
+  (``visuray.models.embedding.load_embedding_model``), as published (its BatchNorm statistics are the
   teacher's running averages over augmented training crops) and with BatchNorm re-estimated like the
   random row.
 - Margin pretrained - random init, paired: k-NN over the same test items (per-item correctness
@@ -260,8 +260,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     from visuray.catalog.readers import load_catalog_frame
-    from visuray.checkpoint import load_embedding_model, read_model_config
     from visuray.models.backbone import create_backbone
+    from visuray.models.embedding import load_embedding_model, read_model_config
     from visuray.report import raw_pixel_embedding
 
     started = time.monotonic()

@@ -85,11 +85,11 @@ def prepare(
     import torch
 
     from visuray.catalog.schema import iter_rows
-    from visuray.checkpoint import save_model
     from visuray.images import decode_image
     from visuray.index.ensemble import EmbeddingEnsemble, ensemble_spec
     from visuray.index.faiss_index import build_faiss_index, publish_index
-    from visuray.models.embedding import EmbeddingModelConfig, build_embedding_model
+    from visuray.models.config import EmbeddingModelConfig
+    from visuray.models.embedding import build_embedding_model, save_model
     from visuray.storage import absolute_uri, resolve_artifact
 
     torch.manual_seed(seed)

@@ -135,7 +135,7 @@ def train_default(catalogs: dict, work: Path, args: Any) -> str:
 
 def test_rows(catalogs: dict, models: dict[str, str]) -> list[dict[str, Any]]:
     from visuray.catalog.readers import CatalogRows
-    from visuray.checkpoint import load_embedding_model
+    from visuray.models.embedding import load_embedding_model
     from visuray.report import raw_pixel_embedding
 
     rows = CatalogRows(catalogs["test"])

@@ -12,11 +12,11 @@ from torch import nn
 
 from visuray.catalog.readers import read_shard_tables, sample_catalog_images
 from visuray.catalog.schema import CatalogRecord, write_catalog
-from visuray.checkpoint import BACKBONE_PREFIX, load_embedding_model, resolve_model
 from visuray.config import validate_config
 from visuray.images import encode_jpeg, encoded_image_batches
 from visuray.models.backbone import create_backbone
 from visuray.models.batchnorm import batchnorm_layers, reestimate_batchnorm
+from visuray.models.embedding import BACKBONE_PREFIX, load_embedding_model, resolve_model
 from visuray.train.pretrain import PretrainConfig, export_teacher_backbone
 
 pytestmark = pytest.mark.unit

@@ -8,14 +8,10 @@ import pytest
 import torch
 
 from tests.tiny import TINY_VIT
-from visuray.checkpoint import (
-    CheckpointError,
-    load_embedding_model,
-    save_model,
-)
+from visuray.checkpoint import CheckpointError
 from visuray.config import StrictModel
-from visuray.models.backbone import BackboneConfig
-from visuray.models.embedding import EmbeddingModelConfig, build_embedding_model
+from visuray.models.config import BackboneConfig, EmbeddingModelConfig
+from visuray.models.embedding import build_embedding_model, load_embedding_model, save_model
 from visuray.models.weights import load_pretrained
 from visuray.storage import ArtifactError, resolve_artifact
 

@@ -12,18 +12,17 @@ from PIL import Image
 
 from tests.tiny import tiny_vit, tiny_vit_overrides
 from visuray.catalog.schema import CatalogRecord, write_catalog
-from visuray.checkpoint import load_embedding_model
 from visuray.config import validate_config
 from visuray.images import decode_image, encode_jpeg, to_model_input
 from visuray.losses import AdaptiveTripletLoss, ContrastiveLoss, MultiSimilarityLoss, TripletMarginLoss
 from visuray.losses.mining import BatchAllMiner, SemiHardMiner
-from visuray.models.embedding import build_embedding_model
+from visuray.models.backbone import freeze_first_blocks
+from visuray.models.embedding import build_embedding_model, load_embedding_model
 from visuray.train.finetune import (
     FinetuneConfig,
     LossSection,
     build_loss,
     finetune_param_groups,
-    freeze_first_blocks,
     lr_schedule,
     run_finetune,
     set_learning_rates,
@@ -92,7 +91,7 @@ TINY_MODEL = {"backbone": tiny_vit(depth=3), "embedding_dim": 8}
 
 
 def tiny_model() -> torch.nn.Module:
-    from visuray.models.embedding import EmbeddingModelConfig
+    from visuray.models.config import EmbeddingModelConfig
 
     torch.manual_seed(0)
     return build_embedding_model(EmbeddingModelConfig.model_validate(TINY_MODEL))

@@ -12,7 +12,7 @@ from visuray.fusion.losses import BatchSoftmaxContrastiveLoss
 from visuray.fusion.model import FusionModelConfig, TextEncoderConfig, build_fusion_model
 from visuray.fusion.modules import FUSIONS, MAAF, ResidualAttentionFusion
 from visuray.fusion.tokenizer import TextTokenizer, train_tokenizer
-from visuray.models.backbone import BackboneConfig
+from visuray.models.config import BackboneConfig
 
 pytestmark = pytest.mark.unit
 

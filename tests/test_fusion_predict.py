@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from tests.tiny import tiny_vit
 from visuray.catalog.schema import CatalogRecord, write_catalog
-from visuray.checkpoint import CheckpointError, save_model
+from visuray.checkpoint import CheckpointError
 from visuray.config import validate_config
 from visuray.fusion.model import (
     FusionModelConfig,
@@ -26,8 +26,8 @@ from visuray.fusion.predict import FusionPredictor, QueryTextError, UnknownRefer
 from visuray.fusion.tokenizer import TextTokenizer, train_tokenizer
 from visuray.fusion.train import FusionTrainConfig, build_objective, init_pretrained_parts
 from visuray.images import ImageDecodeError
-from visuray.models.backbone import BackboneConfig
-from visuray.models.embedding import EmbeddingModelConfig, build_embedding_model
+from visuray.models.config import BackboneConfig, EmbeddingModelConfig
+from visuray.models.embedding import build_embedding_model, save_model
 from visuray.storage import StorageOptions
 
 pytestmark = pytest.mark.unit

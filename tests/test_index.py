@@ -12,7 +12,6 @@ from PIL import Image
 
 from tests.tiny import TINY_VIT
 from visuray.catalog.schema import CatalogRecord, write_catalog
-from visuray.checkpoint import load_embedding_model, save_model
 from visuray.images import InputSpec, decode_image, encode_jpeg, to_model_input
 from visuray.index.faiss_index import (
     INDEX_FILE,
@@ -22,8 +21,8 @@ from visuray.index.faiss_index import (
     fit_factory_to_data,
     publish_index,
 )
-from visuray.models.backbone import BackboneConfig
-from visuray.models.embedding import EmbeddingModelConfig, build_embedding_model
+from visuray.models.config import BackboneConfig, EmbeddingModelConfig
+from visuray.models.embedding import build_embedding_model, load_embedding_model, save_model
 from visuray.storage import ArtifactError, resolve_artifact
 
 # What every reference embedding in these tests feeds the tiny model: its recorded size, mean and std, written

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from tests.tiny import TINY_VIT
-from visuray.models.backbone import BackboneConfig, backbone_kwargs, create_backbone
-from visuray.models.embedding import EmbeddingModel, EmbeddingModelConfig, build_embedding_model
+from visuray.models.backbone import backbone_kwargs, create_backbone
+from visuray.models.config import BackboneConfig, EmbeddingModelConfig
+from visuray.models.embedding import EmbeddingModel, build_embedding_model
 
 pytestmark = pytest.mark.unit
 

@@ -12,10 +12,10 @@ import torch
 
 from tests.test_fault_tolerance import KILLED_RUN
 from tests.tiny import TINY_VIT
-from visuray.checkpoint import load_embedding_model
 from visuray.config import validate_config
 from visuray.evaluation.ssl_eval import SSLEvalOptions, evaluate_ssl_on_catalog
 from visuray.models.backbone import create_backbone
+from visuray.models.embedding import load_embedding_model
 from visuray.models.weights import load_pretrained
 from visuray.train.pretrain import PretrainConfig, load_teacher_tensors, run_pretrain
 

@@ -29,11 +29,11 @@ from PIL import Image
 from tests.conftest import REPO_ROOT, free_port
 from tests.test_index import TINY_INPUT, TINY_MODEL, save_tiny_model, textured_jpeg
 from visuray.catalog.schema import CatalogRecord, write_catalog
-from visuray.checkpoint import load_embedding_model
 from visuray.config import validate_config
 from visuray.images import decode_image, encode_jpeg, to_model_input
 from visuray.index.ensemble import EmbeddingEnsemble, EnsembleMember, EnsembleSpec
 from visuray.index.faiss_index import build_faiss_index, publish_index
+from visuray.models.embedding import load_embedding_model
 from visuray.serving import IncompatibleIndexError, ServeAppArgs
 
 pytestmark = pytest.mark.ray

@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 from tests.tiny import TINY_VIT
 from visuray.catalog.sample import bundled_sample_dir
 from visuray.images import decode_image, to_model_input
-from visuray.models.backbone import BackboneConfig, create_backbone
+from visuray.models.backbone import create_backbone
+from visuray.models.config import BackboneConfig
 from visuray.models.weights import (
     WeightsError,
     check_pretrained,
@@ -83,7 +84,7 @@ def test_bundled_weights_load_strictly_and_tell_classes_apart() -> None:
 
 
 def test_import_weights_publishes_a_model_that_embeds_the_pooled_features(tmp_path: Path) -> None:
-    from visuray.checkpoint import load_embedding_model
+    from visuray.models.embedding import load_embedding_model
 
     artifact = import_weights(str(tmp_path / "lite0"), LITE0)
     meta = artifact.manifest.metadata
@@ -220,8 +221,8 @@ def test_an_open_clip_visual_tower_loads_under_timm_names(tmp_path: Path) -> Non
 
 
 def test_a_visuray_model_artifact_and_a_position_embedding_of_another_size(tmp_path: Path) -> None:
-    from visuray.checkpoint import save_model
-    from visuray.models.embedding import EmbeddingModelConfig, build_embedding_model
+    from visuray.models.config import EmbeddingModelConfig
+    from visuray.models.embedding import build_embedding_model, save_model
 
     cfg = EmbeddingModelConfig(backbone=BackboneConfig(**TINY_VIT), embedding_dim=8)
     torch.manual_seed(6)

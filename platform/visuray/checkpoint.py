@@ -1,13 +1,11 @@
-"""Model checkpoints as published artifacts: safetensors weights plus the configs that rebuild them.
+"""Weights as published artifacts, whatever the model: safetensors weights plus the config that rebuilds it.
 
-A model artifact (kind ``model``) holds
-
-- ``model.safetensors``: the state dict (safetensors: no pickle, so loading runs no code),
-- ``model.yaml``: the :class:`EmbeddingModelConfig` that rebuilds the architecture,
-- ``config.yaml``: the resolved job config that produced it (for reproduction), when given,
-
-and its manifest metadata says ``model_version`` (the artifact version), ``embedding_dim``, ``task``,
-``backbone`` and ``code_version``, which the index and Serve stages record next to what they build.
+Every model artifact (an embedding model in :mod:`visuray.models.embedding`, a fusion or attribute model in
+their task packages) is written by :func:`publish_weights`: ``model.safetensors`` (no pickle, so loading
+runs no code), the model's config (``model.yaml`` or the task's own name), ``config.yaml`` (the resolved
+job config that produced it, for reproduction) and any extra files, with manifest metadata that says
+``model_version`` (the artifact version), ``task``, what the model is, and ``code_version``. Loading is
+strict (:func:`load_state_dict_strict`). This module knows no model: the models import it.
 """
 
 from __future__ import annotations
@@ -19,9 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from visuray import __version__
-from visuray.config import ConfigError, config_to_yaml, validate_config, yaml_load
-from visuray.models.backbone import BackboneConfig
-from visuray.models.embedding import EmbeddingModelConfig, build_embedding_model
+from visuray.config import config_to_yaml
 from visuray.storage import (
     WEIGHTS_NAME,
     Artifact,
@@ -35,10 +31,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-MODEL_KIND = "model"
-MODEL_CONFIG_NAME = "model.yaml"
+MODEL_CONFIG_NAME = "model.yaml"  # the model config's default name in its artifact
 JOB_CONFIG_NAME = "config.yaml"
-BACKBONE_PREFIX = "backbone."  # the backbone's tensors in an embedding model's state dict
 
 
 class CheckpointError(ArtifactError):
@@ -86,44 +80,6 @@ def load_state_dict_strict(module: nn.Module, tensors: Mapping[str, torch.Tensor
     if problems:
         raise CheckpointError(f"checkpoint {source} does not fit the model: " + "; ".join(problems))
     module.load_state_dict(dict(tensors), strict=True)
-
-
-def input_metadata(backbone: BackboneConfig) -> dict[str, Any]:
-    """What a model's manifest says of its input (what Serve's /v1/models and the status overview show):
-    size, mean and std, and where its backbone's weights started from."""
-    spec = backbone.input_spec
-    return {
-        "img_size": spec.img_size,
-        "mean": list(spec.mean),
-        "std": list(spec.std),
-        "backbone_weights": backbone.weights,
-    }
-
-
-def save_model(
-    uri: str,
-    model: nn.Module,
-    model_cfg: EmbeddingModelConfig,
-    job_cfg: BaseModel | None = None,
-    metadata: Mapping[str, Any] | None = None,
-    options: StorageOptions | None = None,
-) -> Artifact:
-    """Publish ``model`` (DDP-wrapped or not) as a new version of the model artifact at ``uri``."""
-    return publish_weights(
-        uri,
-        MODEL_KIND,
-        model,
-        model_cfg,
-        task="embedding",
-        described={
-            "embedding_dim": model_cfg.embedding_dim,
-            "backbone": model_cfg.backbone.name,
-            **input_metadata(model_cfg.backbone),
-        },
-        job_cfg=job_cfg,
-        metadata=metadata,
-        options=options,
-    )
 
 
 def publish_weights(
@@ -175,26 +131,3 @@ def resolve_kind(uri: str, kind: str, options: StorageOptions | None = None) -> 
     if artifact.manifest.kind != kind:
         raise ArtifactError(f"{uri} is a {artifact.manifest.kind!r} artifact, not a {kind!r}")
     return artifact
-
-
-def resolve_model(uri: str, options: StorageOptions | None = None) -> Artifact:
-    """The published model artifact at ``uri`` (root or version folder); other kinds are refused."""
-    return resolve_kind(uri, MODEL_KIND, options)
-
-
-def read_model_config(artifact: Artifact) -> EmbeddingModelConfig:
-    data = yaml_load(artifact.read(MODEL_CONFIG_NAME).decode())
-    try:
-        return validate_config(EmbeddingModelConfig, data or {}, f"{artifact.uri}/{MODEL_CONFIG_NAME}")
-    except ConfigError as exc:
-        raise CheckpointError(str(exc)) from None
-
-
-def load_embedding_model(
-    uri: str, options: StorageOptions | None = None, map_location: str | torch.device = "cpu"
-) -> tuple[nn.Module, Artifact]:
-    """Rebuild the model from ``model.yaml`` and load its checksum-verified weights (strictly), in eval mode."""
-    artifact = resolve_model(uri, options)
-    model = build_embedding_model(read_model_config(artifact))
-    load_state_dict_strict(model, tensors_from_bytes(artifact.read(WEIGHTS_NAME)), artifact.uri)
-    return model.to(map_location).eval(), artifact

@@ -219,7 +219,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_import_weights(args: argparse.Namespace) -> None:
-    from visuray.models.backbone import BackboneConfig
+    from visuray.models.config import BackboneConfig
     from visuray.models.weights import import_weights, resolve_weights
     from visuray.storage import StorageOptions
 

@@ -98,9 +98,8 @@ def baseline_table(
     import torch
 
     from visuray.catalog.readers import load_catalog_frame
-    from visuray.checkpoint import load_embedding_model, read_model_config
     from visuray.evaluation.retrieval import retrieval_metrics
-    from visuray.models.embedding import build_embedding_model
+    from visuray.models.embedding import build_embedding_model, load_embedding_model, read_model_config
 
     frame = load_catalog_frame(catalog_uri, None, columns=["item_id", "label", "image"])
     images, labels = list(frame["image"]), list(frame["label"])

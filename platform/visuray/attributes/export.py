@@ -45,7 +45,8 @@ def save_attribute_model(
     options: StorageOptions | None = None,
 ) -> Artifact:
     """Publish ``model`` with its label names and thresholds as a new version at ``uri``."""
-    from visuray.checkpoint import input_metadata, publish_weights
+    from visuray.checkpoint import publish_weights
+    from visuray.models.config import input_metadata
 
     names = model_cfg.label_names
     if len(thresholds) != len(names):

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, model_validator
 
 from visuray.config import StrictModel
-from visuray.models.backbone import BackboneConfig, create_backbone
+from visuray.models.backbone import create_backbone
+from visuray.models.config import BackboneConfig
 
 if TYPE_CHECKING:
     import torch

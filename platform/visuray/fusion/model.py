@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from visuray.config import ConfigError, StrictModel, validate_config, yaml_load
-from visuray.models.backbone import BackboneConfig
+from visuray.models.config import BackboneConfig
 from visuray.storage import WEIGHTS_NAME, Artifact, StorageOptions
 
 if TYPE_CHECKING:
@@ -141,7 +141,8 @@ def save_fusion_model(
     options: StorageOptions | None = None,
 ) -> Artifact:
     """Publish ``model`` with its config and tokenizer as a new version of the artifact at ``uri``."""
-    from visuray.checkpoint import input_metadata, publish_weights
+    from visuray.checkpoint import publish_weights
+    from visuray.models.config import input_metadata
 
     return publish_weights(
         uri,

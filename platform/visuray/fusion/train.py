@@ -39,7 +39,7 @@ from visuray.fusion.datasets import (
 )
 from visuray.fusion.model import FusionModelConfig
 from visuray.images import InputSpec
-from visuray.models.backbone import BackboneConfig
+from visuray.models.config import BackboneConfig
 from visuray.storage import StorageOptions
 from visuray.train import common
 from visuray.train.common import lr_schedule

