@@ -20,7 +20,7 @@ ingest job (label = ``articleType``, category = ``subCategory``, title = ``produ
   batch-all, batch-hard and semi-hard mining, the adaptive triplet loss (title clusters within article
   types, batch-all mining) and multi-similarity. Budget: ViT-tiny with ``--depth`` blocks at ``--img-size``
   px, P x K = 8 x 4, ``--steps`` AdamW steps at lr ``--lr`` (warm-up 10 %, cosine decay), seed 0.
-- Training runs in this process with the job's own pieces (:func:`visuray.train.finetune.build_loss`,
+- Training runs in this process with the job's own pieces (:func:`visuray.metric_learning.loop.build_loss`,
   ``build_sampler``, ``training_labels``, ``finetune_param_groups``, ``lr_schedule``, ``train_transform``),
   without Ray and DeepSpeed: with one fp32 worker they change nothing numerically, and their start-up
   would cost more than the training at this budget.
@@ -117,7 +117,7 @@ def training_subset(rows: Any, keep: np.ndarray) -> Subset:
 
 def product_line_rows(rows: Any, candidates: np.ndarray, max_items: int) -> tuple[np.ndarray, list[str]]:
     """Rows of ``candidates`` in product lines of two or more, and their line keys."""
-    from visuray.weak_labels import product_line_keys
+    from visuray.metric_learning.weak_labels import product_line_keys
 
     colours = {str(a.get("baseColour")) for a in rows.attributes if a.get("baseColour")}
     keys = product_line_keys([rows.titles[i] for i in candidates], colours)
@@ -150,18 +150,11 @@ def train_in_process(catalog: str, rows: Any, subset: Subset, model_cfg: dict, l
 
     from visuray.catalog.readers import CatalogTorchDataset
     from visuray.checkpoint import load_backbone_weights
+    from visuray.metric_learning.config import FinetuneConfig
+    from visuray.metric_learning.data import build_sampler, endless_batches, train_transform, training_labels
+    from visuray.metric_learning.loop import build_loss, finetune_param_groups, set_learning_rates
     from visuray.models.embedding import build_embedding_model
-    from visuray.train.finetune import (
-        FinetuneConfig,
-        build_loss,
-        build_sampler,
-        endless_batches,
-        finetune_param_groups,
-        lr_schedule,
-        set_learning_rates,
-        train_transform,
-        training_labels,
-    )
+    from visuray.train.schedules import lr_schedule
 
     cfg = FinetuneConfig.model_validate(
         {

@@ -12,12 +12,12 @@ Model: a ViT-S/16 backbone (timm ``vit_small_patch16_224``, 12 blocks, width 384
 2 local crops of 32 px, 8 images per worker per step; memory for weights and states does not depend on
 the image size, only activations do.
 
-Each stage runs the job itself: ``visuray.train.pretrain.build_trainer(cfg).fit()`` on an embedded Ray
+Each stage runs the job itself: ``visuray.ssl.job.build_trainer(cfg).fit()`` on an embedded Ray
 cluster with ``--workers`` (default 2) workers, ``--steps`` (default 3) steps, the catalog streamed
 through Ray Data, the stage's ``jobs/configs/deepspeed/zero<N>.json``. The trainer's loop is wrapped (the
-driver points ``visuray.train.pretrain.train_loop_per_worker`` at a wrapper while ``build_trainer`` runs)
+driver points ``visuray.ssl.job.train_loop_per_worker`` at a wrapper while ``build_trainer`` runs)
 so that the wrapper can patch, inside each worker, ``visuray.train.deepspeed_engine.build_engine`` (to
-keep the engine the job builds) and ``visuray.train.pretrain.build_teacher`` (to keep the teacher), then
+keep the engine the job builds) and ``visuray.ssl.loop.build_teacher`` (to keep the teacher), then
 call the job's unmodified loop. The job has no hook that exposes its engine and teacher (an optional
 per-step callback receiving them would make these patches unnecessary).
 
@@ -190,8 +190,8 @@ def measured_loop(out_dir: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
 def _measured_loop(config: dict[str, Any], out_dir: str) -> dict[str, Any]:
     import ray.train
 
+    import visuray.ssl.loop as pretrain
     import visuray.train.deepspeed_engine as ds_engine
-    import visuray.train.pretrain as pretrain
 
     record: dict[str, Any] = {"rss_before_bytes": rss_bytes(), "peak_rss_before_bytes": peak_rss_bytes()}
     kept: dict[str, Any] = {}
@@ -234,7 +234,8 @@ def _measured_loop(config: dict[str, Any], out_dir: str) -> dict[str, Any]:
 def run_stage(config: str, catalog: str, overrides: list[str], stage: int, workers: int, steps: int,
               work: Path) -> list[dict[str, Any]]:  # fmt: skip
     from visuray.config import load_config
-    from visuray.train.pretrain import PretrainConfig, build_trainer
+    from visuray.ssl.config import PretrainConfig
+    from visuray.ssl.job import build_trainer
 
     out_dir = work / f"zero{stage}"
     out_dir.mkdir(parents=True)

@@ -22,7 +22,7 @@ cluster started once (so its daemons run beside every arm):
   in a seeded random order; decoding and cropping happen per step as in the job.
 - ``ray-1`` / ``ray-2``: the job itself with 1 / 2 workers (``build_trainer(cfg).fit()``: Ray Data
   streaming the catalog, ``train_loop_per_worker``, DeepSpeed engine). The trainer's loop is wrapped (the
-  driver points ``visuray.train.pretrain.train_loop_per_worker`` at a wrapper for the duration of
+  driver points ``visuray.ssl.job.train_loop_per_worker`` at a wrapper for the duration of
   ``build_trainer``) only to set the thread count and to take timestamps; the wrapper calls the job's
   unmodified loop.
 
@@ -138,7 +138,7 @@ def steady_state(stamps: list[Any], warmup: int, images_per_step: int) -> dict[s
 
 def load_pretrain_config(config: str, catalog: str, overrides: list[str]) -> Any:
     from visuray.config import load_config
-    from visuray.train.pretrain import PretrainConfig
+    from visuray.ssl.config import PretrainConfig
 
     return load_config(PretrainConfig, config, [f"catalog={catalog}", *overrides])
 
@@ -157,8 +157,7 @@ def run_baseline(cfg: Any, threads: int, heartbeat_dir: str) -> dict[str, Any]:
     from visuray.catalog.readers import read_shard_tables
     from visuray.images import decode_image
     from visuray.ssl.dino import DINOLoss, update_teacher
-    from visuray.ssl.multicrop import MultiCropAugmentation
-    from visuray.train.pretrain import (
+    from visuray.ssl.loop import (
         augmentation_seed,
         build_dino_model,
         build_teacher,
@@ -167,6 +166,7 @@ def run_baseline(cfg: Any, threads: int, heartbeat_dir: str) -> dict[str, Any]:
         set_step_hyperparameters,
         write_heartbeat,
     )
+    from visuray.ssl.multicrop import MultiCropAugmentation
 
     torch.set_num_threads(threads)
     tc, mc = cfg.train, cfg.model
@@ -257,9 +257,9 @@ def _measured_loop(config: dict[str, Any], bench: dict[str, Any]) -> dict[str, A
 
     import visuray.images
     import visuray.ssl.dino
+    import visuray.ssl.loop as pretrain
     import visuray.ssl.multicrop
     import visuray.train.deepspeed_engine as ds_engine
-    import visuray.train.pretrain as pretrain
 
     torch.set_num_threads(int(bench["threads"]))
     clock = PhaseClock()
@@ -296,18 +296,18 @@ def _measured_loop(config: dict[str, Any], bench: dict[str, Any]) -> dict[str, A
 @contextmanager
 def loop_replaced(loop: Callable[[dict[str, Any]], Any]) -> Iterator[None]:
     """Point ``build_trainer`` at ``loop`` (it looks the loop up in its module when called)."""
-    import visuray.train.pretrain as pretrain
+    import visuray.ssl.job as job
 
-    original = pretrain.train_loop_per_worker
-    pretrain.train_loop_per_worker = loop
+    original = job.train_loop_per_worker
+    job.train_loop_per_worker = loop
     try:
         yield
     finally:
-        pretrain.train_loop_per_worker = original
+        job.train_loop_per_worker = original
 
 
 def run_ray(cfg: Any, workers: int, threads: int, work: Path, tag: str) -> list[dict[str, Any]]:
-    from visuray.train import pretrain
+    from visuray.ssl import job
 
     out_dir = work / f"{tag}-stamps"
     out_dir.mkdir(parents=True)
@@ -320,7 +320,7 @@ def run_ray(cfg: Any, workers: int, threads: int, work: Path, tag: str) -> list[
         }
     )
     with loop_replaced(measured_loop({"threads": threads, "out_dir": str(out_dir)})):
-        trainer = pretrain.build_trainer(run_cfg)
+        trainer = job.build_trainer(run_cfg)
     trainer.fit()
     return [json.loads(p.read_text()) for p in sorted(out_dir.glob("rank-*.json"))]
 

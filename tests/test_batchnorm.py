@@ -17,7 +17,8 @@ from visuray.images import encode_jpeg, encoded_image_batches
 from visuray.models.backbone import create_backbone
 from visuray.models.batchnorm import batchnorm_layers, reestimate_batchnorm
 from visuray.models.embedding import BACKBONE_PREFIX, load_embedding_model, resolve_model
-from visuray.train.pretrain import PretrainConfig, export_teacher_backbone
+from visuray.ssl.config import PretrainConfig
+from visuray.ssl.job import export_teacher_backbone
 
 pytestmark = pytest.mark.unit
 

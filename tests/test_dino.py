@@ -14,18 +14,13 @@ from PIL import Image
 from tests.tiny import TINY_VIT
 from visuray.config import ConfigError, validate_config
 from visuray.jobspec import load_job_spec
+from visuray.ssl.config import PretrainConfig
 from visuray.ssl.dino import DINOLoss, batch_center, dino_loss, update_teacher
 from visuray.ssl.heads import build_dino_head, is_last_layer_parameter
+from visuray.ssl.loop import build_dino_model, build_teacher, dino_param_groups, set_step_hyperparameters
 from visuray.ssl.multicrop import MultiCropAugmentation
-from visuray.ssl.schedules import cosine_schedule, teacher_temperature_schedule
 from visuray.train.deepspeed_engine import load_deepspeed_config, resolve_deepspeed_config
-from visuray.train.pretrain import (
-    PretrainConfig,
-    build_dino_model,
-    build_teacher,
-    dino_param_groups,
-    set_step_hyperparameters,
-)
+from visuray.train.schedules import cosine_schedule, teacher_temperature_schedule
 
 pytestmark = pytest.mark.unit
 

@@ -105,7 +105,7 @@ KILLED_RUN = "killed-thrice"  # the run name pretrain_with_kills gives its runs
 def pretrain_with_kills(tmp_path: Path, kills: int, steps: int, every: int) -> tuple[dict, WorkerKiller]:
     from tests.test_finetune import write_colour_catalog
     from tests.test_pretrain import pretrain_config
-    from visuray.train.pretrain import run_pretrain
+    from visuray.ssl.job import run_pretrain
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     write_colour_catalog(str(tmp_path / "catalog"), per_class=6)

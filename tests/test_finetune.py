@@ -14,20 +14,20 @@ from tests.tiny import tiny_vit, tiny_vit_overrides
 from visuray.catalog.schema import CatalogRecord, write_catalog
 from visuray.config import validate_config
 from visuray.images import decode_image, encode_jpeg, to_model_input
-from visuray.losses import AdaptiveTripletLoss, ContrastiveLoss, MultiSimilarityLoss, TripletMarginLoss
-from visuray.losses.mining import BatchAllMiner, SemiHardMiner
+from visuray.metric_learning.config import FinetuneConfig, LossSection
+from visuray.metric_learning.data import training_labels
+from visuray.metric_learning.job import run_finetune
+from visuray.metric_learning.loop import build_loss, finetune_param_groups, set_learning_rates
+from visuray.metric_learning.losses import (
+    AdaptiveTripletLoss,
+    ContrastiveLoss,
+    MultiSimilarityLoss,
+    TripletMarginLoss,
+)
+from visuray.metric_learning.losses.mining import BatchAllMiner, SemiHardMiner
 from visuray.models.backbone import freeze_first_blocks
 from visuray.models.embedding import build_embedding_model, load_embedding_model
-from visuray.train.finetune import (
-    FinetuneConfig,
-    LossSection,
-    build_loss,
-    finetune_param_groups,
-    lr_schedule,
-    run_finetune,
-    set_learning_rates,
-    training_labels,
-)
+from visuray.train.schedules import lr_schedule
 
 # Grey shifted by +-25 per channel: close enough that a random network does not already separate the
 # classes (the loss starts well above 0), far enough to be learnt in ten steps.

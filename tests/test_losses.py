@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from visuray.losses import (
+from visuray.metric_learning.losses import (
     AdaptiveTripletLoss,
     BatchAllMiner,
     BatchHardMiner,

@@ -65,7 +65,8 @@ def test_unknown_backbone_name_is_an_error() -> None:
 
 def test_importing_the_configs_does_not_import_torch() -> None:
     code = (
-        "import sys; import visuray.models, visuray.checkpoint, visuray.train.finetune; "
+        "import sys; import visuray.models, visuray.checkpoint, visuray.metric_learning.config, visuray.ssl.config; "
+        "import visuray.fusion.config, visuray.attributes.config; "
         "print(sorted(m for m in ('torch', 'timm', 'ray') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -17,7 +17,9 @@ from visuray.evaluation.ssl_eval import SSLEvalOptions, evaluate_ssl_on_catalog
 from visuray.models.backbone import create_backbone
 from visuray.models.embedding import load_embedding_model
 from visuray.models.weights import load_pretrained
-from visuray.train.pretrain import PretrainConfig, load_teacher_tensors, run_pretrain
+from visuray.ssl.config import PretrainConfig
+from visuray.ssl.job import run_pretrain
+from visuray.ssl.loop import load_teacher_tensors
 
 pytestmark = pytest.mark.ray
 
@@ -40,13 +42,13 @@ def ema_check_loop(config: dict) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param
 
     from visuray.ssl.dino import update_teacher
+    from visuray.ssl.loop import build_dino_model, build_teacher, dino_param_groups
     from visuray.train.deepspeed_engine import (
         build_engine,
         full_fp32_param,
         load_deepspeed_config,
         resolve_deepspeed_config,
     )
-    from visuray.train.pretrain import build_dino_model, build_teacher, dino_param_groups
 
     model_cfg = PretrainConfig.model_validate({"catalog": "-", "output": "-", "model": config["model"]}).model
     rank = ray.train.get_context().get_world_rank()

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from visuray.samplers import CategoryBalancedSampler, PKSampler
+from visuray.metric_learning.samplers import CategoryBalancedSampler, PKSampler
 
 pytestmark = pytest.mark.unit
 

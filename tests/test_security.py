@@ -129,7 +129,7 @@ def test_configs_written_beside_artifacts_carry_no_storage_credentials() -> None
     import yaml
 
     from visuray.config import config_to_yaml, validate_config
-    from visuray.train.finetune import FinetuneConfig
+    from visuray.metric_learning.config import FinetuneConfig
 
     spec = {
         "job": "finetune",

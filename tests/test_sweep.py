@@ -19,11 +19,11 @@ from tests.test_finetune import write_colour_catalog
 from tests.tiny import tiny_vit
 from visuray.config import ConfigError, validate_config
 from visuray.jobspec import load_job_spec
+from visuray.metric_learning.config import FinetuneConfig
 from visuray.status import overview
 from visuray.sweep.config import SweepConfig
 from visuray.sweep.run import concurrent_trials, prepare_sweep, trial_job_data
 from visuray.sweep.space import ParamSpec, check_key
-from visuray.train.finetune import FinetuneConfig
 
 TINY_FINETUNE = {
     "job": "finetune",

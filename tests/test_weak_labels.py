@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from visuray.weak_labels import NO_LABEL, fine_grained_classes, product_line_keys, tokenize
+from visuray.metric_learning.weak_labels import NO_LABEL, fine_grained_classes, product_line_keys, tokenize
 
 pytestmark = pytest.mark.unit
 

@@ -184,11 +184,13 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     from visuray.cluster import ensure_ray
     from visuray.fusion.train import FusionTrainConfig, run_train_fusion
     from visuray.index.build import BuildIndexConfig, run_build_index
+    from visuray.metric_learning.config import FinetuneConfig
+    from visuray.metric_learning.job import run_finetune
     from visuray.models.weights import check_pretrained, import_weights
     from visuray.report import ComposedResult, QueryResult, baseline_table, write_report
     from visuray.serving import AttributesArgs, FusionArgs, ServeAppArgs, start_serve_app
-    from visuray.train.finetune import FinetuneConfig, run_finetune
-    from visuray.train.pretrain import PretrainConfig, run_pretrain
+    from visuray.ssl.config import PretrainConfig
+    from visuray.ssl.job import run_pretrain
 
     started = time.monotonic()
     stage_s: dict[str, float] = {}

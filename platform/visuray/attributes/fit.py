@@ -102,11 +102,12 @@ def fit_in_process(
     import torch
 
     from visuray.attributes.data import augment, batch_indices
-    from visuray.train.finetune import lr_schedule, optimizer_param_groups
+    from visuray.train.common import decay_param_groups
+    from visuray.train.schedules import lr_schedule
 
     torch.manual_seed(seed)
     loss_fn = build_loss(loss_cfg, targets, known)
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model, weight_decay), lr=lr)
+    optimizer = torch.optim.AdamW(decay_param_groups(model, weight_decay), lr=lr)
     schedule = lr_schedule(lr, lr * 0.01, steps, warmup_steps)
     generator = torch.Generator().manual_seed(seed)
     t_targets, t_known = torch.from_numpy(targets), torch.from_numpy(known)

@@ -241,12 +241,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from visuray.models.weights import prepare_for_training, starting_point
     from visuray.train.common import (
         TrainState,
+        decay_param_groups,
         load_train_checkpoint,
-        lr_schedule,
         mean_across_ranks,
-        optimizer_param_groups,
         save_train_checkpoint,
     )
+    from visuray.train.schedules import lr_schedule
 
     cfg = AttributeTrainConfig.model_validate(config["job"])
     model_cfg = AttributeModelConfig.model_validate(config["model"])
@@ -282,7 +282,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     prepare_for_training(model.backbone, backbone_cfg, cfg.storage, checkpoint is not None, tc.freeze_blocks)
     spec = model_cfg.backbone.input_spec
     model = ray.train.torch.prepare_model(model)
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model, tc.weight_decay), lr=tc.lr)
+    optimizer = torch.optim.AdamW(decay_param_groups(model, tc.weight_decay), lr=tc.lr)
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
     loss_fn = build_loss(cfg.loss, data.targets[data.splits["train"]], data.known[data.splits["train"]])

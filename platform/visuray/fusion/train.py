@@ -42,7 +42,7 @@ from visuray.images import InputSpec
 from visuray.models.config import BackboneConfig
 from visuray.storage import StorageOptions
 from visuray.train import common
-from visuray.train.common import lr_schedule
+from visuray.train.schedules import lr_schedule
 
 if TYPE_CHECKING:
     import numpy as np
@@ -376,10 +376,10 @@ def optimizer_for(objective: nn.Module, tc: FusionTrainSection) -> Any:
     """AdamW with decay on matrices only; the composer's groups carry ``lr_scale`` (see train_steps)."""
     import torch
 
-    from visuray.train.common import optimizer_param_groups
+    from visuray.train.common import decay_param_groups
 
     if tc.composer_lr_scale == 1.0:  # the two groups checkpoints written before the multiplier hold
-        return torch.optim.AdamW(optimizer_param_groups(objective, tc.weight_decay), lr=tc.lr)
+        return torch.optim.AdamW(decay_param_groups(objective, tc.weight_decay), lr=tc.lr)
     groups: list[dict[str, Any]] = []
     for is_composer in (False, True):
         params = [

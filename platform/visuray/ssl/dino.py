@@ -14,16 +14,14 @@ single process (unit tests, notebooks) as well as under Ray Train.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
 
 
 def _distributed() -> bool:
-    import torch.distributed as dist
-
     return dist.is_available() and dist.is_initialized()
 
 
@@ -38,12 +36,9 @@ def dino_loss(
     """The DINO loss of one batch, averaged over (teacher global crop, other student crop) pairs.
 
     ``student_output`` is ``(num_crops * B, K)``, crop-major (all images' first crop, then all second
-    crops, ...: the order :class:`visuray.train.pretrain` builds); ``teacher_output`` is
+    crops, ...: the order :mod:`visuray.ssl.loop` builds); ``teacher_output`` is
     ``(num_global * B, K)`` for the global crops, which are the first ``num_global`` student crops.
     """
-    import torch
-    from torch.nn import functional as F
-
     num_global = teacher_output.shape[0] * num_crops // student_output.shape[0]
     if num_global < 1 or num_global * student_output.shape[0] != teacher_output.shape[0] * num_crops:
         raise ValueError(
@@ -65,9 +60,6 @@ def dino_loss(
 
 def batch_center(teacher_output: torch.Tensor) -> torch.Tensor:
     """The mean teacher output over this step's rows on every worker (all-reduced when distributed)."""
-    import torch
-    import torch.distributed as dist
-
     summed = torch.sum(teacher_output.detach().float(), dim=0, keepdim=True)
     count = torch.tensor([float(teacher_output.shape[0])], device=summed.device)
     if _distributed():
@@ -76,78 +68,50 @@ def batch_center(teacher_output: torch.Tensor) -> torch.Tensor:
     return summed / count
 
 
-def _define_loss_module() -> type:
-    import torch
-    from torch import nn
+class DINOLoss(nn.Module):
+    """:func:`dino_loss` plus the centre, an EMA buffer saved with the training state.
 
-    class DINOLoss(nn.Module):
-        """:func:`dino_loss` plus the centre, an EMA buffer saved with the training state.
+    ``forward(student, teacher, teacher_temp)`` computes the loss with the current centre and then
+    moves the centre towards this batch's teacher mean, as DINO does (after the loss, so the loss
+    uses the centre that the teacher outputs were compared against).
+    """
 
-        ``forward(student, teacher, teacher_temp)`` computes the loss with the current centre and then
-        moves the centre towards this batch's teacher mean, as DINO does (after the loss, so the loss
-        uses the centre that the teacher outputs were compared against).
-        """
+    def __init__(
+        self, out_dim: int, num_crops: int, student_temp: float = 0.1, center_momentum: float = 0.9
+    ) -> None:
+        super().__init__()
+        self.num_crops = num_crops
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
 
-        def __init__(
-            self, out_dim: int, num_crops: int, student_temp: float = 0.1, center_momentum: float = 0.9
-        ) -> None:
-            super().__init__()
-            self.num_crops = num_crops
-            self.student_temp = student_temp
-            self.center_momentum = center_momentum
-            self.register_buffer("center", torch.zeros(1, out_dim))
+    def forward(
+        self, student_output: torch.Tensor, teacher_output: torch.Tensor, teacher_temp: float
+    ) -> torch.Tensor:
+        loss = dino_loss(
+            student_output, teacher_output, self.center, self.num_crops, self.student_temp, teacher_temp
+        )
+        self.update_center(teacher_output)
+        return loss
 
-        def forward(
-            self, student_output: torch.Tensor, teacher_output: torch.Tensor, teacher_temp: float
-        ) -> torch.Tensor:
-            loss = dino_loss(
-                student_output, teacher_output, self.center, self.num_crops, self.student_temp, teacher_temp
-            )
-            self.update_center(teacher_output)
-            return loss
-
-        @torch.no_grad()
-        def update_center(self, teacher_output: torch.Tensor) -> None:
-            m = self.center_momentum
-            self.center.mul_(m).add_(batch_center(teacher_output), alpha=1 - m)
-
-    DINOLoss.__qualname__ = "DINOLoss"
-    DINOLoss.__module__ = __name__
-    return DINOLoss
+    @torch.no_grad()
+    def update_center(self, teacher_output: torch.Tensor) -> None:
+        m = self.center_momentum
+        self.center.mul_(m).add_(batch_center(teacher_output), alpha=1 - m)
 
 
-def _define_wrapper_module() -> type:
-    from torch import nn
+class MultiCropWrapper(nn.Module):
+    """Backbone + DINO head over a list of crops (see :func:`multicrop_forward`); one module, so that
+    a DeepSpeed engine wraps (and ZeRO shards) both, and ``backbone.*`` names match the embedding
+    model's, so the exported backbone is a model artifact that ``model.backbone.weights`` takes."""
 
-    class MultiCropWrapper(nn.Module):
-        """Backbone + DINO head over a list of crops (see :func:`multicrop_forward`); one module, so that
-        a DeepSpeed engine wraps (and ZeRO shards) both, and ``backbone.*`` names match the embedding
-        model's, so the exported backbone is a model artifact that ``model.backbone.weights`` takes."""
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
 
-        def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
-            super().__init__()
-            self.backbone = backbone
-            self.head = head
-
-        def forward(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
-            return multicrop_forward(self.backbone, self.head, crops)
-
-    MultiCropWrapper.__qualname__ = "MultiCropWrapper"
-    MultiCropWrapper.__module__ = __name__
-    return MultiCropWrapper
-
-
-_DEFINERS = {"DINOLoss": _define_loss_module, "MultiCropWrapper": _define_wrapper_module}
-_CLASSES: dict[str, type] = {}
-
-
-def __getattr__(name: str) -> type:
-    # Defined on first use so that importing visuray.ssl.dino does not import torch.
-    if name in _DEFINERS:
-        if name not in _CLASSES:
-            _CLASSES[name] = _DEFINERS[name]()
-        return _CLASSES[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def forward(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+        return multicrop_forward(self.backbone, self.head, crops)
 
 
 def identity_param(param: torch.Tensor) -> torch.Tensor:
@@ -169,8 +133,6 @@ def update_teacher(
     called on every rank in the same order, which iterating ``named_parameters()`` guarantees. Teacher
     buffers (BatchNorm statistics) are not averaged: the teacher computes its own, as in DINO.
     """
-    import torch
-
     teacher_params = dict(teacher.named_parameters())
     with torch.no_grad():
         for name, param in student_params:
@@ -188,8 +150,6 @@ def update_teacher(
 def multicrop_forward(backbone: nn.Module, head: nn.Module, crops: Sequence[torch.Tensor]) -> torch.Tensor:
     """Head outputs of all crops, crop-major: the backbone runs once per run of equal-sized crops (the
     globals together, the locals together), then the head once over every pooled feature."""
-    import torch
-
     features, start = [], 0
     while start < len(crops):
         stop = start

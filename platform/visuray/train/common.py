@@ -10,7 +10,6 @@ order (and its defaults) while the constraints and descriptions are written once
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,19 +117,7 @@ class ScalingSection(StrictModel):
 # ----------------------------------------------------------------------------------------------------
 
 
-def lr_schedule(base_lr: float, min_lr: float, steps: int, warmup_steps: int) -> list[float]:
-    """Learning rate of every step: linear warm-up, then cosine decay to ``min_lr`` (precomputed)."""
-    schedule = []
-    for step in range(steps):
-        if step < warmup_steps:
-            schedule.append(base_lr * (step + 1) / warmup_steps)
-        else:
-            progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-            schedule.append(min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress)))
-    return schedule
-
-
-def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices and kernels only: decaying biases, norms and tokens hurts ViTs."""
     decay, no_decay = [], []
     for _, param in model.named_parameters():

@@ -181,7 +181,7 @@ def full_fp32_param(param: torch.Tensor) -> torch.Tensor | None:
     return param.detach().float()
 
 
-def optimizer_param_groups(engine_or_optimizer: Any) -> list[dict[str, Any]]:
+def engine_param_groups(engine_or_optimizer: Any) -> list[dict[str, Any]]:
     """The param groups whose ``lr`` / ``weight_decay`` a schedule sets (engine or bare optimizer)."""
     optimizer = getattr(engine_or_optimizer, "optimizer", engine_or_optimizer)
     return optimizer.param_groups

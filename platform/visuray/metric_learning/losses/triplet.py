@@ -1,14 +1,14 @@
 """Triplet margin loss with online in-batch mining, built from three small parts:
 
 - a *distance* turns a batch of embeddings into an (N, N) distance matrix (cosine or euclidean);
-- a *miner* (:mod:`visuray.losses.mining`) picks (anchor, positive, negative) index triplets from that
+- a *miner* (:mod:`visuray.metric_learning.losses.mining`) picks (anchor, positive, negative) index triplets from that
   matrix and the labels: batch-all, batch-hard or semi-hard;
 - the *loss* applies ``relu(d(a, p) - d(a, n) + margin)`` to the mined triplets and averages them, over
   all of them (``reduction="mean"``) or over the ones still violating the margin (``"active"``, the
   usual choice for batch-all, where most triplets are satisfied and would dilute the gradient).
 
 The margin is a method (:meth:`TripletMarginLoss.triplet_margins`) so that the adaptive triplet loss
-(:mod:`visuray.losses.adaptive_triplet`) changes only that. Everything is vectorised over the batch: the
+(:mod:`visuray.metric_learning.losses.adaptive_triplet`) changes only that. Everything is vectorised over the batch: the
 (N, N) matrix is per batch (a few hundred rows), never per catalog.
 """
 
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from visuray.losses.mining import (
+from visuray.metric_learning.losses.mining import (
     MINERS,
     BatchAllMiner,
     BatchHardMiner,

@@ -1,22 +1,16 @@
-"""Self-supervised DINO pretraining of a timm backbone on Ray Train with DeepSpeed ZeRO.
+"""The per-worker DINO loop (:func:`train_loop_per_worker`) and its pieces.
 
-The driver (:func:`run_pretrain`) streams the catalog's images through Ray Data into a ``TorchTrainer``
-whose workers run :func:`train_loop_per_worker`: decode and multi-crop their shard's images, run the
-student (a DeepSpeed engine at the configured ZeRO stage) on all crops and the EMA teacher (a plain,
-full copy on every worker) on the global crops, step, update the teacher and the centre, log, report and
-checkpoint. Student and teacher start from the same ``model.backbone.weights`` (the bundled ImageNet
-weights by default: domain-adaptive self-supervision on the catalog's own photos; null for random init). After ``fit()`` the teacher's backbone (DINO evaluates the teacher) is published as a model
-artifact that ``visuray.models.embedding.load_embedding_model`` and ``model.backbone.weights`` read: an embedding
-model whose projection is the identity (``embedding_dim`` = the backbone's width, zero bias), so its
-embedding is the L2-normalised pooled teacher feature that DINO's k-NN evaluation uses.
+Every worker decodes and multi-crops its shard's images (streamed by Ray Data), runs the student (a
+DeepSpeed engine at the configured ZeRO stage) on all crops and the EMA teacher (a plain, full copy on
+every worker) on the global crops, steps, updates the teacher and the centre, logs, reports and
+checkpoints. Student and teacher start from the same ``model.backbone.weights`` (the bundled ImageNet
+weights by default: domain-adaptive self-supervision on the catalog's own photos; null for random init).
 
 Checkpoints (every ``train.checkpoint_every`` steps and at the end) hold the DeepSpeed engine state of
 every rank (student weights, optimizer state, fp32 master weights; ZeRO shards per rank) plus, from rank
-0, the teacher (safetensors), the centre and the step. A worker failure restarts the worker group from the
-latest checkpoint (``scaling.max_failures``); running the job again with the same ``name`` and ``run_dir``
-continues that run. Resuming needs the same number of workers and ZeRO stage (ZeRO shards are per rank).
-The data stream restarts at an epoch boundary on resume (Ray Data iterators hold no position), so a
-resumed run sees other batches than an uninterrupted one would; the schedules continue from the step.
+0, the teacher (safetensors), the centre and the step. The data stream restarts at an epoch boundary on
+resume (Ray Data iterators hold no position), so a resumed run sees other batches than an uninterrupted
+one would; the schedules continue from the step.
 """
 
 from __future__ import annotations
@@ -27,21 +21,17 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import Field, model_validator
-
-from visuray.config import StrictModel
 from visuray.models.config import BackboneConfig
-from visuray.storage import StorageOptions, absolute_uri, is_remote
+from visuray.ssl.config import PretrainConfig, PretrainTrainSection, SSLModelSection
 from visuray.train import common
-from visuray.train.deepspeed_engine import DeepSpeedSection
-from visuray.train.validation import ValidationSection, validation_metric_names
 
 if TYPE_CHECKING:
     import ray.train
     import torch
     from torch import nn
+
 
 log = logging.getLogger(__name__)
 
@@ -49,192 +39,6 @@ CKPT_ENGINE_DIR = "engine"  # DeepSpeed's files (one subfolder, its tag)
 CKPT_TEACHER = "teacher.safetensors"
 CKPT_CENTER = "center.safetensors"
 CKPT_STATE = "train_state.json"
-
-
-# ----------------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------------
-
-
-class SSLModelSection(StrictModel):
-    """Backbone and DINO head."""
-
-    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
-    out_dim: int = Field(
-        8192,
-        ge=2,
-        description="K, the number of prototypes the head scores; DINO uses 65536 on ImageNet. Catalogs are "
-        "10-100x smaller and DINO's ablation loses little at a few thousand, at 8x less head memory",
-    )
-    hidden_dim: int = Field(2048, ge=1, description="MLP width of the head (DINO's value)")
-    bottleneck_dim: int = Field(
-        256, ge=1, description="L2-normalised bottleneck before the last layer (DINO)"
-    )
-    nlayers: int = Field(3, ge=1, description="head depth; DINO's 3 layers beat 1 or 2 in its ablation")
-    use_bn: bool = Field(False, description="BatchNorm in the head; off for ViTs (DINO), on can help CNNs")
-    norm_last_layer: bool = Field(
-        True,
-        description="fix the last layer's row norms at 1; stabilises ViT training (DINO). False learns the "
-        "norms: sometimes better, less stable",
-    )
-
-
-class CropsSection(StrictModel):
-    """Multi-crop: 2 global crops at ``model.backbone.img_size`` plus ``num_local`` small local crops."""
-
-    num_local: int = Field(
-        8, ge=0, description="local crops per image; DINO's 2x224 + 8x96 is its best cost/accuracy point"
-    )
-    local_size: int = Field(
-        32,
-        gt=0,
-        description="local crop side; DINO uses 96 at 224 (0.43x); 32 at the default 64 px. For ViTs a "
-        "multiple of the patch size",
-    )
-    global_scale: tuple[float, float] = Field(
-        (0.4, 1.0), description="area range of global crops (DINO: 0.4-1; 0.14-1 helps with fewer locals)"
-    )
-    local_scale: tuple[float, float] = Field(
-        (0.05, 0.4), description="area range of local crops; its top meets the global range's bottom (DINO)"
-    )
-
-
-class PretrainTrainSection(common.TrainLoopSection):
-    """Optimisation, DINO hyperparameters and bookkeeping; DINO's defaults unless said otherwise."""
-
-    steps: int = common.total_steps_field(1000)
-    batch_size_per_worker: int = Field(
-        64, ge=2, description="images per worker per step (DINO: 64 per GPU); each gives 2 + num_local crops"
-    )
-    lr: float = Field(
-        5e-4,
-        gt=0,
-        description="learning rate for a global batch of 256; the peak is lr * global_batch / 256 (DINO's "
-        "linear scaling rule)",
-    )
-    min_lr: float = Field(1e-6, ge=0, description="end of the cosine learning-rate decay (DINO)")
-    warmup_steps: int = Field(
-        100, ge=0, description="linear lr warm-up (DINO: 10 epochs); ViTs diverge at full lr from step 0"
-    )
-    weight_decay: float = Field(
-        0.04, ge=0, description="start of the cosine weight-decay schedule (DINO: 0.04 -> 0.4 for ViTs)"
-    )
-    weight_decay_end: float = Field(
-        0.4, ge=0, description="end of the weight-decay schedule; rising decay helps ViTs late in training"
-    )
-    momentum_teacher: float = Field(
-        0.996,
-        ge=0,
-        lt=1,
-        description="teacher EMA momentum at step 0, raised to 1 along a cosine; 0.996 suits batch 256, "
-        "raise it (0.9995) for small batches",
-    )
-    warmup_teacher_temp: float = Field(
-        0.04,
-        gt=0,
-        description="teacher temperature at step 0; 0.04 works well, lower it if the loss stays flat",
-    )
-    teacher_temp: float = Field(
-        0.07,
-        gt=0,
-        description="teacher temperature after the warm-up; DINO's 0.07 for long runs (above 0.07 collapses)",
-    )
-    warmup_teacher_temp_steps: int = Field(
-        300, ge=0, description="linear teacher-temperature warm-up (DINO: 30 epochs, a tenth of training)"
-    )
-    student_temp: float = Field(0.1, gt=0, description="student softmax temperature (DINO)")
-    center_momentum: float = Field(
-        0.9, ge=0, lt=1, description="EMA momentum of the centre (DINO); lower reacts faster, noisier"
-    )
-    clip_grad: float | None = Field(
-        3.0, gt=0, description="global gradient-norm clip (DINO: 3.0); None turns it off"
-    )
-    freeze_last_layer_steps: int = Field(
-        100,
-        ge=0,
-        description="steps (not epochs: a stream has none) during which the head's last layer keeps its "
-        "initial weights; DINO freezes it for the first epoch because it destabilises early training",
-    )
-    checkpoint_every: int = common.checkpoint_every_field()
-    keep_checkpoints: int = common.keep_checkpoints_field()
-    log_every: int = common.log_every_field()
-    shuffle_buffer: int = Field(
-        256, ge=0, description="rows in each worker's local shuffle buffer; 0 streams in catalog order"
-    )
-    seed: int = Field(0, description="initialisation, augmentation and shuffle seed")
-    tensorboard: bool = Field(
-        True,
-        description="rank 0 writes the logged train/* scalars as TensorBoard events into "
-        "<run_dir>/<name>/tensorboard (local run_dir only: TensorBoard's writer needs a local folder)",
-    )
-    heartbeat_dir: str | None = Field(
-        None,
-        description="local folder where each worker writes rank-<r>.json (pid, node, step) after every step, "
-        "for watching a run from outside (and the failure-injection tests); None writes nothing",
-    )
-
-
-class PretrainScalingSection(common.ScalingSection):
-    """How many Ray Train workers, on what."""
-
-    cpus_per_worker: float = Field(
-        1, gt=0, description="CPUs per worker; each decodes and crops its own images, so give it several"
-    )
-    resources_per_worker: dict[str, float] = Field(
-        default_factory=dict,
-        description="extra custom resources per worker (e.g. {train_slot: 1} with one slot per node to "
-        "place one worker per node)",
-    )
-
-
-class PretrainExportSection(StrictModel):
-    """What is done to the teacher's backbone before it is published."""
-
-    batchnorm_images: int = Field(
-        2048,
-        ge=0,
-        description="catalog images (a seeded random sample, serving preprocessing) over which a backbone "
-        "with BatchNorm gets its running statistics recomputed before publishing; the teacher's own are "
-        "averages over augmented crops. 0 publishes the teacher's. No effect on models without BatchNorm, "
-        "nor when model.backbone.batchnorm_statistics holds the starting weights' fixed (pretrained starts: "
-        "re-estimating ImageNet statistics on the 300 demo photos cut their leave-one-out Recall@1 0.63 -> 0.46)",
-    )
-
-
-class PretrainConfig(StrictModel):
-    """The ``pretrain`` job: catalog (labels unused) in, model artifact (teacher backbone) out."""
-
-    job: Literal["pretrain"] = "pretrain"
-    name: str = common.run_name_field("pretrain")
-    storage: StorageOptions = Field(default_factory=StorageOptions)
-    catalog: str = Field(..., description="URI of a published catalog (only its images are read)")
-    output: str = Field(..., description="URI of the model artifact to publish a new version into")
-    run_dir: str = common.run_dir_field("./runs/pretrain")
-    model: SSLModelSection = Field(default_factory=SSLModelSection)
-    crops: CropsSection = Field(default_factory=CropsSection)
-    train: PretrainTrainSection = Field(default_factory=PretrainTrainSection)
-    validation: ValidationSection = Field(
-        default_factory=ValidationSection,
-        description="retrieval with the teacher's pooled features on a labelled catalog during training",
-    )
-    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
-    scaling: PretrainScalingSection = Field(default_factory=PretrainScalingSection)
-    export: PretrainExportSection = Field(default_factory=PretrainExportSection)
-
-    @model_validator(mode="after")
-    def _crops_fit_patches(self) -> PretrainConfig:
-        patch = self.model.backbone.patch_size
-        if patch is not None:
-            for what, size in (("model.backbone.img_size", self.model.backbone.img_size),
-                               ("crops.local_size", self.crops.local_size)):  # fmt: skip
-                if size % patch:
-                    raise ValueError(f"{what} ({size}) must be a multiple of the patch size ({patch})")
-        return self
-
-
-# ----------------------------------------------------------------------------------------------------
-# Pieces of the loop
-# ----------------------------------------------------------------------------------------------------
 
 
 def create_ssl_backbone(cfg: BackboneConfig) -> nn.Module:
@@ -315,7 +119,7 @@ def dino_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, A
 def dino_schedules(tc: PretrainTrainSection, world_size: int) -> tuple[Any, Any, Any, Any]:
     """Per-step learning rate (peak ``lr`` x global batch / 256, as DINO scales it; warm-up, then cosine),
     weight decay, teacher momentum and teacher temperature, indexed by step."""
-    from visuray.ssl.schedules import cosine_schedule, teacher_temperature_schedule
+    from visuray.train.schedules import cosine_schedule, teacher_temperature_schedule
 
     peak_lr = tc.lr * tc.batch_size_per_worker * world_size / 256
     return (
@@ -450,8 +254,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from visuray.train.deepspeed_engine import (
         build_engine,
         engine_dtype,
+        engine_param_groups,
         full_fp32_param,
-        optimizer_param_groups,
         resolve_deepspeed_config,
         wants_bf16,
     )
@@ -479,7 +283,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     engine = build_engine(student, optimizer, ds_config)
     loss_fn = DINOLoss(mc.out_dim, 2 + cfg.crops.num_local, tc.student_temp, tc.center_momentum).to(device)
     input_dtype = engine_dtype(engine)
-    param_groups = optimizer_param_groups(engine)
+    param_groups = engine_param_groups(engine)
 
     checkpoint = ray.train.get_checkpoint()
     state: dict[str, Any] = {"step": 0, "loss": None}
@@ -627,147 +431,3 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     scalars.close()
     return {"start_step": start_step, "steps": step, "final_loss": last_loss, "history": history}
-
-
-# ----------------------------------------------------------------------------------------------------
-# The driver
-# ----------------------------------------------------------------------------------------------------
-
-
-def tensorboard_dir(cfg: PretrainConfig) -> str | None:
-    """Where rank 0 writes TensorBoard events: ``<run_dir>/<name>/tensorboard`` for a local run_dir,
-    resolved on the driver (workers have another working directory); None when off or remote."""
-    if not cfg.train.tensorboard or is_remote(cfg.run_dir):
-        return None
-    return os.path.join(absolute_uri(cfg.run_dir), cfg.name, "tensorboard")
-
-
-def build_trainer(cfg: PretrainConfig) -> Any:
-    from visuray.catalog.readers import read_catalog_dataset
-    from visuray.train.deepspeed_engine import load_deepspeed_config
-    from visuray.train.ray_job import build_torch_trainer
-
-    ds_base = load_deepspeed_config(cfg.deepspeed.zero_stage, cfg.deepspeed.config)
-    dataset = read_catalog_dataset(absolute_uri(cfg.catalog), cfg.storage, columns=["image"])
-    loop_config = {
-        "job": cfg.model_dump(mode="json"),
-        "deepspeed": ds_base,
-        "tensorboard_dir": tensorboard_dir(cfg),
-    }
-    return build_torch_trainer(
-        train_loop_per_worker,
-        loop_config,
-        cfg,
-        extra_resources=cfg.scaling.resources_per_worker,
-        datasets={"train": dataset},
-    )
-
-
-def export_teacher_backbone(
-    teacher_tensors: dict[str, torch.Tensor], cfg: PretrainConfig, metadata: dict[str, Any]
-) -> Any:
-    """Publish the teacher's backbone as an embedding model with an identity projection (see the module
-    docstring); returns the artifact."""
-    from visuray.checkpoint import load_state_dict_strict
-    from visuray.models.embedding import BACKBONE_PREFIX, pooled_feature_model, save_model
-
-    model, model_cfg = pooled_feature_model(cfg.model.backbone.model_copy(update={"drop_path_rate": 0.0}))
-    backbone = {
-        k[len(BACKBONE_PREFIX) :]: v for k, v in teacher_tensors.items() if k.startswith(BACKBONE_PREFIX)
-    }
-    load_state_dict_strict(model.backbone, backbone, "the pretraining teacher's backbone")
-    batchnorm = recalibrate_batchnorm(model.backbone, cfg)
-    return save_model(
-        cfg.output, model, model_cfg, job_cfg=cfg,
-        metadata={**metadata, "projection_init": "identity", "batchnorm_statistics": batchnorm},
-        options=cfg.storage,
-    )  # fmt: skip
-
-
-def recalibrate_batchnorm(backbone: nn.Module, cfg: PretrainConfig) -> str | None:
-    """Recompute ``backbone``'s BatchNorm statistics on ``cfg.export.batchnorm_images`` clean catalog
-    images (see :class:`PretrainExportSection`); returns what its statistics now are, for the artifact's
-    metadata (None for a backbone without BatchNorm)."""
-    from visuray.catalog.readers import sample_catalog_images
-    from visuray.images import encoded_image_batches
-    from visuray.models.batchnorm import batchnorm_layers, reestimate_batchnorm
-
-    if not batchnorm_layers(backbone):
-        return None
-    if cfg.model.backbone.freezes_batchnorm:
-        return "the starting weights' (held fixed while training: model.backbone.batchnorm_statistics)"
-    if cfg.export.batchnorm_images == 0:
-        return "the teacher's running averages over augmented training crops"
-    images = sample_catalog_images(
-        absolute_uri(cfg.catalog), cfg.export.batchnorm_images, cfg.storage, seed=cfg.train.seed
-    )
-    log.info("re-estimating BatchNorm statistics on %d catalog images", len(images))
-    seen = reestimate_batchnorm(backbone, encoded_image_batches(images, cfg.model.backbone.input_spec))
-    return f"re-estimated on {seen} catalog images (serving preprocessing)"
-
-
-def with_checked_weights(cfg: PretrainConfig) -> PretrainConfig:
-    """``cfg`` with the backbone's starting weights checked and their preprocessing recorded
-    (:func:`visuray.models.weights.check_pretrained`), before any worker starts."""
-    from visuray.models.weights import check_pretrained
-
-    backbone = check_pretrained(cfg.model.backbone, cfg.storage)
-    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"backbone": backbone})})
-
-
-def precheck(cfg: PretrainConfig) -> None:
-    """Before a cluster starts (or the job is submitted): the starting weights exist and fit by name."""
-    from visuray.models.weights import precheck_weights
-
-    precheck_weights(cfg.model.backbone, cfg.storage)
-
-
-def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
-    """Pretrain on Ray Train, publish the teacher's backbone as a model artifact, return the summary."""
-    from visuray.cluster import ensure_ray
-    from visuray.train.ray_job import fit_checkpointed
-
-    ensure_ray()
-    cfg = with_checked_weights(cfg)
-    log.info("pretrain %r: %d steps on %s -> %s", cfg.name, cfg.train.steps, cfg.catalog, cfg.output)
-    result, summary = fit_checkpointed(build_trainer(cfg), "pretrain", cfg.name)
-    with result.checkpoint.as_directory() as directory:
-        state = read_checkpoint_state(directory)
-        teacher = load_teacher_tensors(directory)
-    artifact = export_teacher_backbone(
-        teacher,
-        cfg,
-        {
-            "trained_by": "pretrain",
-            "ssl_method": "dino",
-            "train_steps": state["step"],
-            "final_loss": state.get("loss"),
-            "catalog": cfg.catalog,
-            "zero_stage": cfg.deepspeed.zero_stage,
-        },
-    )
-    log.info("published model %s (version %s)", artifact.uri, artifact.manifest.version)
-    return {
-        "output": artifact.uri,
-        "model_version": artifact.manifest.version,
-        "steps": state["step"],
-        "start_step": summary.get("start_step"),
-        "final_loss": state.get("loss"),
-        "history": summary.get("history", []),
-        "run_path": result.path,
-        "checkpoint": result.checkpoint.path,
-        "tensorboard_dir": tensorboard_dir(cfg),
-    }
-
-
-def reported_metrics(cfg: PretrainConfig) -> set[str]:
-    """What every report of the loop carries (a sweep ranks trials by one of them)."""
-    return {
-        "train/loss",
-        "train/lr",
-        "train/weight_decay",
-        "train/teacher_momentum",
-        "train/teacher_temp",
-        "train/center_norm",
-        "train/images_per_s",
-    } | validation_metric_names(cfg.validation)

@@ -1,6 +1,6 @@
 """The weakly supervised adaptive triplet loss (ATL).
 
-Labels are fine-grained classes derived from product-title text (:mod:`visuray.weak_labels`), not from
+Labels are fine-grained classes derived from product-title text (:mod:`visuray.metric_learning.weak_labels`), not from
 annotators, and the margin of each triplet grows with how different, in text, the negative's class is
 from the anchor's:
 
@@ -12,8 +12,8 @@ pushed away only a little (the classes are close in text, and in fact), while a 
 shoe anchor must be far. A fixed margin treats both alike: too small for the far one, or so large for
 the near one that visually similar products are torn apart.
 
-Mining is any :mod:`~visuray.losses.mining` miner on the fine labels; triplets are averaged as in
-:class:`~visuray.losses.triplet.TripletMarginLoss`, of which this is a subclass that changes only the
+Mining is any :mod:`~visuray.metric_learning.losses.mining` miner on the fine labels; triplets are averaged as in
+:class:`~visuray.metric_learning.losses.triplet.TripletMarginLoss`, of which this is a subclass that changes only the
 margin.
 """
 
@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from visuray.losses.mining import TripletMiner, Triplets
-from visuray.losses.triplet import DistanceName, Reduction, TripletMarginLoss
+from visuray.metric_learning.losses.mining import TripletMiner, Triplets
+from visuray.metric_learning.losses.triplet import DistanceName, Reduction, TripletMarginLoss
 
 
 class AdaptiveTripletLoss(TripletMarginLoss):

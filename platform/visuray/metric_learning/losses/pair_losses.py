@@ -9,7 +9,7 @@
   ``AvgNonZeroReducer``), then summed. Margins are given as *distances* for both metrics: on cosine the
   adapter converts them into the library's similarity margins (``s = 1 - d``).
 
-Both take ``(embeddings, labels)`` like :class:`~visuray.losses.triplet.TripletMarginLoss`, return a
+Both take ``(embeddings, labels)`` like :class:`~visuray.metric_learning.losses.triplet.TripletMarginLoss`, return a
 zero with a gradient path when the batch has no pair at all (a one-class batch still has positive pairs
 to pull together, and a batch of singletons negative pairs to push apart), and count the pairs they saw in
 ``last_num_tuples``. The library classes are built in the constructors, so importing this module does not
@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from visuray.losses.mining import label_masks
-from visuray.losses.triplet import DistanceName, check_distance, zero_loss
+from visuray.metric_learning.losses.mining import label_masks
+from visuray.metric_learning.losses.triplet import DistanceName, check_distance, zero_loss
 
 
 class _LibraryPairLoss(nn.Module):
