@@ -62,8 +62,16 @@ def group_macro(report: dict[str, Any], groups: list[str]) -> dict[str, float]:
 def main() -> None:
     import torch
 
-    from visuray.attributes.data import decode_to_uint8
-    from visuray.attributes.fit import LossSection, fit_in_process, predict_probabilities
+    from visuray.attributes.config import (
+        AttributeArchitecture,
+        AttributeModelConfig,
+        GroupHead,
+        LossSection,
+        SplitSection,
+    )
+    from visuray.attributes.data import decode_to_uint8, prepare_catalog
+    from visuray.attributes.evaluate import wild_editor
+    from visuray.attributes.fit import fit_in_process, predict_probabilities
     from visuray.attributes.labels import fashion_groups
     from visuray.attributes.metrics import (
         micro_roc_curve,
@@ -71,13 +79,7 @@ def main() -> None:
         plot_roc_png,
         relative_improvement,
     )
-    from visuray.attributes.model import (
-        AttributeArchitecture,
-        AttributeModelConfig,
-        GroupHead,
-        build_attribute_model,
-    )
-    from visuray.attributes.train import SplitSection, prepare_catalog, wild_editor
+    from visuray.attributes.model import build_attribute_model
 
     args = parse_args()
     torch.set_num_threads(args.threads)

@@ -20,8 +20,9 @@ def main() -> None:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from visuray.attributes.config import AttributeModelConfig
     from visuray.attributes.labels import fashion_groups
-    from visuray.attributes.model import AttributeModelConfig, build_attribute_model, build_separate_models
+    from visuray.attributes.model import build_attribute_model, build_separate_models
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(

@@ -148,7 +148,7 @@ def train_in_process(catalog: str, rows: Any, subset: Subset, model_cfg: dict, l
     import torch
     from torch.utils.data import DataLoader
 
-    from visuray.catalog.readers import CatalogTorchDataset
+    from visuray.catalog.torch_dataset import CatalogTorchDataset
     from visuray.checkpoint import load_backbone_weights
     from visuray.metric_learning.config import FinetuneConfig
     from visuray.metric_learning.data import build_sampler, endless_batches, train_transform, training_labels

@@ -16,8 +16,8 @@ Besides the means, every run keeps each query's first-hit rank per row (``hit_ra
 ``queries.json``) and reports each fusion row's margin over each baseline with a 95% interval from a
 paired bootstrap over reference images; ``--summarise DIR [DIR ...]`` pools finished runs (seeds).
 
-It runs the train_fusion job's own loop pieces (:func:`visuray.fusion.train.train_steps`,
-:func:`~visuray.fusion.train.evaluate`) in this process, without Ray, so the budget goes to the models.
+It runs the train_fusion job's own loop pieces (:func:`visuray.fusion.loop.train_steps`,
+:func:`~visuray.fusion.evaluate.evaluate`) in this process, without Ray, so the budget goes to the models.
 
     .venv/bin/python benchmarks/fusion_quality.py --catalog runs/catalogs/fashion-products \\
         --out runs/benchmarks/fusion_quality [--steps 150 --max-items 2500 --depths 1 2 4]
@@ -121,7 +121,7 @@ def config_for(
     args: argparse.Namespace, catalog: str, fusion: str, depth: int, override: dict[str, float] | None = None
 ) -> Any:
     from visuray.config import validate_config
-    from visuray.fusion.train import FusionTrainConfig
+    from visuray.fusion.config import FusionTrainConfig
 
     o = override or {}
     return validate_config(
@@ -274,18 +274,11 @@ def main() -> None:
     import torch
 
     from visuray.catalog.readers import load_catalog_frame
+    from visuray.fusion.data import ImageTensorCache, build_fusion_data, load_items, prepare_tokenizer
     from visuray.fusion.datasets import TEMPLATED_TEXT_NOTE
-    from visuray.fusion.report import comparison_table, render_report
-    from visuray.fusion.train import (
-        ImageTensorCache,
-        build_fusion_data,
-        build_objective,
-        evaluate,
-        load_items,
-        optimizer_for,
-        prepare_tokenizer,
-        train_steps,
-    )
+    from visuray.fusion.evaluate import evaluate
+    from visuray.fusion.html_report import comparison_table, render_report
+    from visuray.fusion.loop import build_objective, optimizer_for, train_steps
 
     args = parse_args()
     if args.summarise:

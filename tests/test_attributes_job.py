@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 from tests.tiny import tiny_vit_overrides
+from visuray.attributes.config import AttributeTrainConfig
 from visuray.attributes.export import load_attribute_model
+from visuray.attributes.job import run_train_attributes
 from visuray.attributes.predict import AttributePredictor
-from visuray.attributes.train import AttributeTrainConfig, run_train_attributes
 from visuray.catalog.schema import CatalogRecord, write_catalog
 from visuray.config import validate_config
 from visuray.images import encode_jpeg

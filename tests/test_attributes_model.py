@@ -10,6 +10,7 @@ from PIL import Image
 
 from tests.tiny import tiny_vit
 from visuray.attributes.backgrounds import BackgroundBank, composite, foreground_mask
+from visuray.attributes.config import AttributeModelConfig
 from visuray.attributes.data import batch_indices, decode_to_uint8, split_of
 from visuray.attributes.labels import (
     AttributeGroupSpec,
@@ -18,12 +19,7 @@ from visuray.attributes.labels import (
     encode_targets,
 )
 from visuray.attributes.losses import AsymmetricLoss, WeightedBCELoss, positive_weights
-from visuray.attributes.model import (
-    AttributeModelConfig,
-    SemanticAttentionHead,
-    build_attribute_model,
-    build_separate_models,
-)
+from visuray.attributes.model import SemanticAttentionHead, build_attribute_model, build_separate_models
 from visuray.images import InputSpec, encode_jpeg, to_model_input
 
 pytestmark = pytest.mark.unit

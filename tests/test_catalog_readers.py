@@ -12,14 +12,9 @@ import torch
 from PIL import Image
 
 from visuray.catalog.ingest import IngestConfig, run_ingest
-from visuray.catalog.readers import (
-    NO_LABEL,
-    CatalogRows,
-    CatalogTorchDataset,
-    load_catalog_frame,
-    read_catalog_dataset,
-)
+from visuray.catalog.readers import NO_LABEL, CatalogRows, load_catalog_frame, read_catalog_dataset
 from visuray.catalog.schema import CatalogRecord, write_catalog
+from visuray.catalog.torch_dataset import CatalogTorchDataset
 from visuray.images import encode_jpeg
 from visuray.storage import ArtifactError, StorageOptions, resolve_artifact
 

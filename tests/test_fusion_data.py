@@ -124,7 +124,8 @@ def test_held_out_split_keeps_product_lines_together_and_subset_is_deterministic
 def test_validation_split_with_a_subset_takes_only_some_training_lines() -> None:
     """The subset keeps the lines lowest under one hash; the validation split must use another, or every
     kept training line would land in validation (and training would be empty)."""
-    from visuray.fusion.train import DataSection, build_fusion_data
+    from visuray.fusion.config import DataSection
+    from visuray.fusion.data import build_fusion_data
 
     items = [
         CatalogItem(f"{line}-{colour}", "Tshirts", colour.lower(), "Apparel", f"brand{line} men tshirt")

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from tests.tiny import tiny_vit
+from visuray.fusion.config import FusionModelConfig, TextEncoderConfig
 from visuray.fusion.losses import BatchSoftmaxContrastiveLoss
-from visuray.fusion.model import FusionModelConfig, TextEncoderConfig, build_fusion_model
+from visuray.fusion.model import build_fusion_model
 from visuray.fusion.modules import FUSIONS, MAAF, ResidualAttentionFusion
 from visuray.fusion.tokenizer import TextTokenizer, train_tokenizer
 from visuray.models.config import BackboneConfig
@@ -294,8 +295,9 @@ def test_fusion_gate_is_a_model_setting_of_the_fusion_modules_only() -> None:
 
 
 def test_composer_lr_scale_multiplies_only_the_composers_rate() -> None:
+    from visuray.fusion.config import FusionTrainSection
+    from visuray.fusion.loop import optimizer_for
     from visuray.fusion.losses import FusionObjective
-    from visuray.fusion.train import FusionTrainSection, optimizer_for
 
     objective = FusionObjective(build_fusion_model(tiny_cfg("maaf")), BatchSoftmaxContrastiveLoss(0.07))
     composer = {id(p) for p in objective.model.composer.parameters()}

@@ -15,16 +15,11 @@ from tests.tiny import tiny_vit
 from visuray.catalog.schema import CatalogRecord, write_catalog
 from visuray.checkpoint import CheckpointError
 from visuray.config import validate_config
-from visuray.fusion.model import (
-    FusionModelConfig,
-    TextEncoderConfig,
-    build_fusion_model,
-    load_fusion_model,
-    save_fusion_model,
-)
+from visuray.fusion.config import FusionModelConfig, FusionTrainConfig, TextEncoderConfig
+from visuray.fusion.loop import build_objective, init_pretrained_parts
+from visuray.fusion.model import build_fusion_model, load_fusion_model, save_fusion_model
 from visuray.fusion.predict import FusionPredictor, QueryTextError, UnknownReferenceError
 from visuray.fusion.tokenizer import TextTokenizer, train_tokenizer
-from visuray.fusion.train import FusionTrainConfig, build_objective, init_pretrained_parts
 from visuray.images import ImageDecodeError
 from visuray.models.config import BackboneConfig, EmbeddingModelConfig
 from visuray.models.embedding import build_embedding_model, save_model
@@ -194,7 +189,7 @@ def _check_text_init(model_uri: str, catalog: str, options: StorageOptions | Non
 
 
 def test_text_encoder_and_tokenizer_start_from_a_fusion_artifact(published: dict[str, str]) -> None:
-    from visuray.fusion.train import build_fusion_data, load_items, prepare_tokenizer
+    from visuray.fusion.data import build_fusion_data, load_items, prepare_tokenizer
 
     _check_text_init(published["model"], published["catalog"])
     cfg = _train_cfg(published["catalog"], text_init_from=published["model"], data={"test_fraction": 0.5})
@@ -221,7 +216,7 @@ def test_pretrained_text_encoder_and_tokenizer_file_from_s3(
 
 
 def test_a_catalog_without_type_or_colour_is_refused_before_training(tmp_path: Path) -> None:
-    from visuray.fusion.train import run_train_fusion
+    from visuray.fusion.job import run_train_fusion
 
     uri = str(tmp_path / "plain")
     write_catalog(

@@ -13,8 +13,9 @@ import pytest
 
 from tests.test_fusion_predict import TINY_BACKBONE, TINY_TEXT, write_shapes_catalog
 from visuray.config import validate_config
+from visuray.fusion.config import FusionTrainConfig
 from visuray.fusion.datasets import TEMPLATED_TEXT_NOTE
-from visuray.fusion.train import FusionTrainConfig, run_train_fusion
+from visuray.fusion.job import run_train_fusion
 from visuray.storage import resolve_artifact
 
 pytestmark = pytest.mark.ray

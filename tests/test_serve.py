@@ -84,12 +84,8 @@ def catalog_records() -> list[CatalogRecord]:
 
 def save_tiny_fusion_model(uri: str) -> str:
     """A randomly initialised tiny fusion model with a tokenizer trained on a few phrases; its version."""
-    from visuray.fusion.model import (
-        FusionModelConfig,
-        TextEncoderConfig,
-        build_fusion_model,
-        save_fusion_model,
-    )
+    from visuray.fusion.config import FusionModelConfig, TextEncoderConfig
+    from visuray.fusion.model import build_fusion_model, save_fusion_model
     from visuray.fusion.tokenizer import TextTokenizer, train_tokenizer
 
     tokenizer = TextTokenizer(train_tokenizer(TEXTS * 3, vocab_size=60, min_frequency=1), max_length=16)
@@ -111,8 +107,9 @@ def save_tiny_fusion_model(uri: str) -> str:
 
 
 def save_tiny_attribute_model(uri: str) -> None:
+    from visuray.attributes.config import AttributeModelConfig, GroupHead
     from visuray.attributes.export import save_attribute_model
-    from visuray.attributes.model import AttributeModelConfig, GroupHead, build_attribute_model
+    from visuray.attributes.model import build_attribute_model
 
     cfg = AttributeModelConfig(
         backbone=TINY_MODEL.backbone, embed_dim=16, groups=[GroupHead(name="colour", labels=ATTRIBUTE_LABELS)]

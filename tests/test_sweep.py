@@ -117,9 +117,9 @@ def test_keys_are_checked_against_the_job_config_model() -> None:
 @pytest.mark.unit
 def test_list_entries_are_named_by_index() -> None:
     """Attribute head depths sit in a list of label groups: ``labels.groups.<i>.depth``."""
-    from visuray.attributes.train import AttributeTrainConfig
+    from visuray.attributes.config import AttributeTrainConfig
     from visuray.config import apply_values
-    from visuray.fusion.train import FusionTrainConfig
+    from visuray.fusion.config import FusionTrainConfig
 
     check_key(FusionTrainConfig, "model.fusion_depth")
     check_key(AttributeTrainConfig, "labels.groups.2.depth")

@@ -182,7 +182,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         read_sample_metadata,
     )
     from visuray.cluster import ensure_ray
-    from visuray.fusion.train import FusionTrainConfig, run_train_fusion
+    from visuray.fusion.config import FusionTrainConfig
+    from visuray.fusion.job import run_train_fusion
     from visuray.index.build import BuildIndexConfig, run_build_index
     from visuray.metric_learning.config import FinetuneConfig
     from visuray.metric_learning.job import run_finetune

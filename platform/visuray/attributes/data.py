@@ -14,12 +14,26 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 from PIL import Image
+
+from visuray.attributes.config import AttributeArchitecture, AttributeModelConfig, GroupHead, SplitSection
+from visuray.attributes.labels import (
+    AttributeGroupSpec,
+    LabelGroup,
+    LabelSpace,
+    build_label_space,
+    encode_targets,
+)
+from visuray.storage import StorageOptions
 
 if TYPE_CHECKING:
     import torch
+
+    from visuray.catalog.readers import CatalogRows
 
 Split = Literal["train", "val", "test"]
 
@@ -78,3 +92,66 @@ def batch_indices(num_items: int, batch_size: int, seed: int, step: int) -> list
     if len(picked) < batch_size:  # catalog smaller than a batch: wrap around
         picked = order[torch.arange(start, start + batch_size) % num_items]
     return picked.tolist()
+
+
+def row_metadata(rows: CatalogRows) -> list[dict[str, Any]]:
+    """What label groups read from each row: ``label``, ``category`` (names) and ``attributes``."""
+    return [
+        {
+            "label": rows.label_names[lab] if lab >= 0 else None,
+            "category": rows.category_names[cat] if cat >= 0 else None,
+            "attributes": attrs,
+        }
+        for lab, cat, attrs in zip(rows.labels, rows.categories, rows.attributes, strict=True)
+    ]
+
+
+def split_indices(item_ids: Sequence[str], split: SplitSection) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for i, item_id in enumerate(item_ids):
+        out[split_of(item_id, split.seed, split.val_fraction, split.test_fraction)].append(i)
+    return out
+
+
+def resolve_model_config(
+    arch: AttributeArchitecture, specs: Sequence[AttributeGroupSpec], space: LabelSpace
+) -> AttributeModelConfig:
+    """The buildable model config: the architecture plus each group's labels and depth."""
+    depth = {spec.name: spec.depth for spec in specs}
+    groups = [GroupHead(name=g.name, labels=list(g.labels), depth=depth[g.name]) for g in space.groups]
+    return AttributeModelConfig(**arch.model_dump(), groups=groups)
+
+
+def label_space_of(model_cfg: AttributeModelConfig) -> LabelSpace:
+    return LabelSpace(tuple(LabelGroup(g.name, tuple(g.labels)) for g in model_cfg.groups))
+
+
+@dataclass
+class PreparedCatalog:
+    """A catalog in memory with its splits, label space and targets."""
+
+    rows: CatalogRows
+    splits: dict[str, list[int]]
+    space: LabelSpace
+    targets: np.ndarray  # (N, L) for every row
+    known: np.ndarray
+
+
+def prepare_catalog(
+    catalog: str,
+    options: StorageOptions | None,
+    specs: Sequence[AttributeGroupSpec],
+    split: SplitSection,
+    min_count: int,
+    space: LabelSpace | None = None,
+) -> PreparedCatalog:
+    """Read and split the catalog; the label space comes from the training split unless given."""
+    from visuray.catalog.readers import CatalogRows
+
+    rows = CatalogRows(catalog, options)
+    meta = row_metadata(rows)
+    splits = split_indices(rows.item_ids, split)
+    if space is None:
+        space = build_label_space([meta[i] for i in splits["train"]], specs, min_count)
+    targets, known = encode_targets(meta, specs, space)
+    return PreparedCatalog(rows, splits, space, targets, known)

@@ -41,18 +41,14 @@ def run_demo_attribute_stage(catalog_uri: str, output_dir: str, steps: int) -> d
     photos, publish the attention model under ``output_dir``; returns the figures and paths."""
     import torch
 
-    from visuray.attributes.data import decode_to_uint8
+    from visuray.attributes.config import AttributeArchitecture, LossSection, SplitSection
+    from visuray.attributes.data import decode_to_uint8, prepare_catalog, resolve_model_config
+    from visuray.attributes.evaluate import evaluate_prepared
     from visuray.attributes.export import save_attribute_model
-    from visuray.attributes.fit import LossSection, fit_in_process
+    from visuray.attributes.fit import fit_in_process
     from visuray.attributes.labels import clothing_small_groups
     from visuray.attributes.metrics import micro_roc_curve, plot_roc_png
-    from visuray.attributes.model import AttributeArchitecture, build_attribute_model
-    from visuray.attributes.train import (
-        SplitSection,
-        evaluate_prepared,
-        prepare_catalog,
-        resolve_model_config,
-    )
+    from visuray.attributes.model import build_attribute_model
     from visuray.models.weights import check_pretrained, prepare_for_training
 
     started = time.monotonic()

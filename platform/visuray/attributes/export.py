@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from visuray.attributes.model import AttributeModelConfig
+from visuray.attributes.config import AttributeModelConfig
 from visuray.config import ConfigError, validate_config, yaml_load
 from visuray.storage import WEIGHTS_NAME, Artifact, ArtifactError, StorageOptions
 

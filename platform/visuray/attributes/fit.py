@@ -1,7 +1,7 @@
 """The pieces every attribute training loop shares: the loss from its config, one optimisation step,
 batched prediction, and the held-out evaluation (thresholds on validation, metrics on test).
 
-The Ray Train job (:mod:`visuray.attributes.train`) wraps :func:`training_step` with checkpoints and
+The Ray Train job (:mod:`visuray.attributes.loop`) wraps :func:`training_step` with checkpoints and
 reports; :func:`fit_in_process` wraps it with a plain loop for benchmarks and the demo, so both train
 the same way.
 """
@@ -9,39 +9,19 @@ the same way.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import Field
 
+from visuray.attributes.config import LossSection
 from visuray.attributes.losses import positive_weights
 from visuray.attributes.metrics import multilabel_report
 from visuray.attributes.thresholds import select_thresholds
-from visuray.config import StrictModel
 from visuray.images import InputSpec
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
-
-
-class LossSection(StrictModel):
-    """Which multi-label loss, and its imbalance knobs."""
-
-    kind: Literal["bce", "asymmetric"] = Field(
-        "bce",
-        description="bce: binary cross-entropy, positives weighted by neg/pos (clipped); asymmetric: "
-        "Ridnik et al.'s focusing loss for many easy negatives (try it when labels number in the hundreds)",
-    )
-    pos_weight: bool = Field(True, description="bce only: weight positives by negatives/positives per label")
-    max_pos_weight: float = Field(
-        10.0, ge=1.0, description="clip of that weight; rare labels otherwise dominate the gradient"
-    )
-    gamma_neg: float = Field(4.0, ge=0, description="asymmetric: negative focusing (the paper's 4)")
-    gamma_pos: float = Field(0.0, ge=0, description="asymmetric: positive focusing (the paper's 0)")
-    clip: float = Field(
-        0.05, ge=0, lt=1, description="asymmetric: negative probability margin (the paper's 0.05)"
-    )
 
 
 def build_loss(cfg: LossSection, targets: np.ndarray, known: np.ndarray) -> nn.Module:

@@ -23,68 +23,12 @@ tap's grid; masked positions get zero attention weight (a row with no valid posi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+import torch
+from torch import nn
+from torch.nn import functional as F
 
-from pydantic import Field, model_validator
-
-from visuray.config import StrictModel
+from visuray.attributes.config import AttributeArchitecture, AttributeModelConfig
 from visuray.models.backbone import create_backbone
-from visuray.models.config import BackboneConfig
-
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
-HeadKind = Literal["attention", "pooled", "spatial", "channel"]
-
-
-class AttributeArchitecture(StrictModel):
-    """The backbone and the kind of head every group gets (what the job config sets)."""
-
-    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
-    head: HeadKind = Field(
-        "attention",
-        description="attention: channel-gated semantic embedding with spatial attention (robust to "
-        "background clutter); pooled: global average pooling + linear, the baseline; spatial / channel: "
-        "ablations with one of the two attentions removed",
-    )
-    embed_dim: int = Field(
-        128, gt=0, description="semantic channels per position; 128 is ample for a few dozen labels"
-    )
-    num_maps: int = Field(
-        2,
-        ge=1,
-        description="spatial attention maps per group; 2 lets a head look at two parts (collar and sleeve) "
-        "while keeping the embedding small",
-    )
-    reduction: int = Field(
-        4, ge=1, description="squeeze-and-excitation bottleneck ratio of the channel gate (SE-Net uses 4-16)"
-    )
-
-
-class GroupHead(StrictModel):
-    """One group's head as built: its labels and the tap it reads."""
-
-    name: str
-    labels: list[str] = Field(..., min_length=1)
-    depth: int | None = Field(None, ge=1, description="backbone tap counted from 1; None = the last")
-
-
-class AttributeModelConfig(AttributeArchitecture):
-    """Everything that rebuilds an attribute model: architecture plus the resolved groups and labels."""
-
-    groups: list[GroupHead] = Field(..., min_length=1)
-
-    @model_validator(mode="after")
-    def _unique_groups(self) -> AttributeModelConfig:
-        names = [g.name for g in self.groups]
-        if len(set(names)) != len(names):
-            raise ValueError(f"group names must be unique, got {names}")
-        return self
-
-    @property
-    def label_names(self) -> list[str]:
-        return [label for group in self.groups for label in group.labels]
 
 
 def num_taps(backbone: nn.Module) -> int:
@@ -98,163 +42,133 @@ def tap_channels(backbone: nn.Module, tap: int) -> int:
     return int(backbone.feature_info[tap]["num_chs"])
 
 
-def _module_classes() -> dict[str, type]:
-    """Defined lazily so that importing this module does not import torch."""
-    import torch
-    from torch import nn
-    from torch.nn import functional as F
+def grid_mask(mask: torch.Tensor | None, height: int, width: int) -> torch.Tensor | None:
+    """(N, H*W) bool: positions whose cell holds any foreground; None when no mask is given."""
+    if mask is None:
+        return None
+    cells = F.adaptive_max_pool2d(mask.float(), (height, width)).flatten(1) > 0
+    return cells | ~cells.any(dim=1, keepdim=True)  # nothing valid: attend everywhere
 
-    def grid_mask(mask: torch.Tensor | None, height: int, width: int) -> torch.Tensor | None:
-        """(N, H*W) bool: positions whose cell holds any foreground; None when no mask is given."""
-        if mask is None:
-            return None
-        cells = F.adaptive_max_pool2d(mask.float(), (height, width)).flatten(1) > 0
-        return cells | ~cells.any(dim=1, keepdim=True)  # nothing valid: attend everywhere
 
-    class SemanticAttentionHead(nn.Module):
-        """Feature map -> channel-gated semantic map -> spatial attention pooling -> label logits."""
+class SemanticAttentionHead(nn.Module):
+    """Feature map -> channel-gated semantic map -> spatial attention pooling -> label logits."""
 
-        def __init__(
-            self,
-            in_channels: int,
-            num_labels: int,
-            embed_dim: int,
-            num_maps: int,
-            reduction: int,
-            channel_gate: bool = True,
-            spatial_attention: bool = True,
-        ) -> None:
-            super().__init__()
-            self.norm = nn.LayerNorm(in_channels)
-            self.semantic = nn.Linear(in_channels, embed_dim)
-            self.gate = (
-                nn.Sequential(
-                    nn.Linear(embed_dim, max(embed_dim // reduction, 1)),
-                    nn.ReLU(),
-                    nn.Linear(max(embed_dim // reduction, 1), embed_dim),
-                )
-                if channel_gate
-                else None
+    def __init__(
+        self,
+        in_channels: int,
+        num_labels: int,
+        embed_dim: int,
+        num_maps: int,
+        reduction: int,
+        channel_gate: bool = True,
+        spatial_attention: bool = True,
+    ) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(in_channels)
+        self.semantic = nn.Linear(in_channels, embed_dim)
+        self.gate = (
+            nn.Sequential(
+                nn.Linear(embed_dim, max(embed_dim // reduction, 1)),
+                nn.ReLU(),
+                nn.Linear(max(embed_dim // reduction, 1), embed_dim),
             )
-            self.num_maps = num_maps if spatial_attention else 1
-            self.attention = nn.Linear(embed_dim, num_maps) if spatial_attention else None
-            self.out_norm = nn.LayerNorm(embed_dim * self.num_maps)
-            self.classifier = nn.Linear(embed_dim * self.num_maps, num_labels)
-            self.last_attention: torch.Tensor | None = None  # (N, maps, H, W) of the latest forward
-
-        def attention_weights(self, semantic: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-            """(N, maps, P) weights over positions; each map sums to one over the valid positions."""
-            if self.attention is None:
-                scores = semantic.new_zeros(semantic.shape[0], 1, semantic.shape[1])
-            else:
-                scores = self.attention(semantic).transpose(1, 2)
-            if valid is not None:
-                scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
-            return scores.softmax(dim=-1)
-
-        def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-            n, _, height, width = features.shape
-            tokens = features.flatten(2).transpose(1, 2)  # (N, P, C)
-            semantic = F.gelu(self.semantic(self.norm(tokens)))  # (N, P, D)
-            if self.gate is not None:
-                semantic = semantic * torch.sigmoid(self.gate(semantic.mean(dim=1)))[:, None, :]
-            weights = self.attention_weights(semantic, grid_mask(mask, height, width))
-            self.last_attention = weights.detach().view(n, self.num_maps, height, width)
-            pooled = torch.bmm(weights, semantic).flatten(1)  # (N, maps * D)
-            return self.classifier(self.out_norm(pooled))
-
-    class PooledLinearHead(nn.Module):
-        """The baseline: global average pooling of the tap's features, LayerNorm, one linear layer."""
-
-        def __init__(self, in_channels: int, num_labels: int) -> None:
-            super().__init__()
-            self.norm = nn.LayerNorm(in_channels)
-            self.classifier = nn.Linear(in_channels, num_labels)
-
-        def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-            return self.classifier(self.norm(features.mean(dim=(2, 3))))
-
-    class AttributeModel(nn.Module):
-        """``forward(images) -> (N, L)`` logits, groups concatenated in config order, from one backbone pass."""
-
-        def __init__(self, backbone: nn.Module, cfg: AttributeModelConfig) -> None:
-            super().__init__()
-            self.backbone = backbone
-            self.group_names = [g.name for g in cfg.groups]
-            total = num_taps(backbone)
-            self.taps: dict[str, int] = {}
-            heads = {}
-            for group in cfg.groups:
-                depth = group.depth if group.depth is not None else total
-                if depth > total:
-                    raise ValueError(f"group {group.name!r}: depth {depth} > the backbone's {total} taps")
-                tap = depth - 1
-                self.taps[group.name] = tap
-                heads[group.name] = make_head(cfg, tap_channels(backbone, tap), len(group.labels))
-            self.heads = nn.ModuleDict(heads)
-            self.tap_indices = sorted(set(self.taps.values()))
-
-        def feature_maps(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
-            """Every tap in use, NCHW, from a single backbone pass that stops at the deepest one."""
-            maps = self.backbone.forward_intermediates(
-                images, indices=self.tap_indices, intermediates_only=True, output_fmt="NCHW", stop_early=True
-            )
-            return dict(zip(self.tap_indices, maps, strict=True))
-
-        def forward_groups(
-            self, images: torch.Tensor, mask: torch.Tensor | None = None
-        ) -> dict[str, torch.Tensor]:
-            maps = self.feature_maps(images)
-            return {name: self.heads[name](maps[self.taps[name]], mask) for name in self.group_names}
-
-        def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-            return torch.cat(list(self.forward_groups(images, mask).values()), dim=1)
-
-    def make_head(cfg: AttributeArchitecture, in_channels: int, num_labels: int) -> nn.Module:
-        if cfg.head == "pooled":
-            return PooledLinearHead(in_channels, num_labels)
-        return SemanticAttentionHead(
-            in_channels,
-            num_labels,
-            cfg.embed_dim,
-            cfg.num_maps,
-            cfg.reduction,
-            channel_gate=cfg.head in ("attention", "channel"),
-            spatial_attention=cfg.head in ("attention", "spatial"),
+            if channel_gate
+            else None
         )
+        self.num_maps = num_maps if spatial_attention else 1
+        self.attention = nn.Linear(embed_dim, num_maps) if spatial_attention else None
+        self.out_norm = nn.LayerNorm(embed_dim * self.num_maps)
+        self.classifier = nn.Linear(embed_dim * self.num_maps, num_labels)
+        self.last_attention: torch.Tensor | None = None  # (N, maps, H, W) of the latest forward
 
-    classes = {
-        "SemanticAttentionHead": SemanticAttentionHead,
-        "PooledLinearHead": PooledLinearHead,
-        "AttributeModel": AttributeModel,
-    }
-    for cls in classes.values():
-        cls.__qualname__ = cls.__name__
-        cls.__module__ = __name__
-    classes["make_head"] = make_head
-    return classes
+    def attention_weights(self, semantic: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """(N, maps, P) weights over positions; each map sums to one over the valid positions."""
+        if self.attention is None:
+            scores = semantic.new_zeros(semantic.shape[0], 1, semantic.shape[1])
+        else:
+            scores = self.attention(semantic).transpose(1, 2)
+        if valid is not None:
+            scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+        return scores.softmax(dim=-1)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        n, _, height, width = features.shape
+        tokens = features.flatten(2).transpose(1, 2)  # (N, P, C)
+        semantic = F.gelu(self.semantic(self.norm(tokens)))  # (N, P, D)
+        if self.gate is not None:
+            semantic = semantic * torch.sigmoid(self.gate(semantic.mean(dim=1)))[:, None, :]
+        weights = self.attention_weights(semantic, grid_mask(mask, height, width))
+        self.last_attention = weights.detach().view(n, self.num_maps, height, width)
+        pooled = torch.bmm(weights, semantic).flatten(1)  # (N, maps * D)
+        return self.classifier(self.out_norm(pooled))
 
 
-_CLASSES: dict[str, type] | None = None
+class PooledLinearHead(nn.Module):
+    """The baseline: global average pooling of the tap's features, LayerNorm, one linear layer."""
+
+    def __init__(self, in_channels: int, num_labels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(in_channels)
+        self.classifier = nn.Linear(in_channels, num_labels)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.classifier(self.norm(features.mean(dim=(2, 3))))
 
 
-def _classes() -> dict[str, type]:
-    global _CLASSES
-    if _CLASSES is None:
-        _CLASSES = _module_classes()
-    return _CLASSES
+class AttributeModel(nn.Module):
+    """``forward(images) -> (N, L)`` logits, groups concatenated in config order, from one backbone pass."""
+
+    def __init__(self, backbone: nn.Module, cfg: AttributeModelConfig) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.group_names = [g.name for g in cfg.groups]
+        total = num_taps(backbone)
+        self.taps: dict[str, int] = {}
+        heads = {}
+        for group in cfg.groups:
+            depth = group.depth if group.depth is not None else total
+            if depth > total:
+                raise ValueError(f"group {group.name!r}: depth {depth} > the backbone's {total} taps")
+            tap = depth - 1
+            self.taps[group.name] = tap
+            heads[group.name] = make_head(cfg, tap_channels(backbone, tap), len(group.labels))
+        self.heads = nn.ModuleDict(heads)
+        self.tap_indices = sorted(set(self.taps.values()))
+
+    def feature_maps(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Every tap in use, NCHW, from a single backbone pass that stops at the deepest one."""
+        maps = self.backbone.forward_intermediates(
+            images, indices=self.tap_indices, intermediates_only=True, output_fmt="NCHW", stop_early=True
+        )
+        return dict(zip(self.tap_indices, maps, strict=True))
+
+    def forward_groups(
+        self, images: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        maps = self.feature_maps(images)
+        return {name: self.heads[name](maps[self.taps[name]], mask) for name in self.group_names}
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.cat(list(self.forward_groups(images, mask).values()), dim=1)
 
 
-def __getattr__(name: str) -> type:
-    # ``from visuray.attributes.model import AttributeModel`` works, importing torch only when asked.
-    if name in ("SemanticAttentionHead", "PooledLinearHead", "AttributeModel"):
-        return _classes()[name]
-    raise AttributeError(name)
+def make_head(cfg: AttributeArchitecture, in_channels: int, num_labels: int) -> nn.Module:
+    if cfg.head == "pooled":
+        return PooledLinearHead(in_channels, num_labels)
+    return SemanticAttentionHead(
+        in_channels,
+        num_labels,
+        cfg.embed_dim,
+        cfg.num_maps,
+        cfg.reduction,
+        channel_gate=cfg.head in ("attention", "channel"),
+        spatial_attention=cfg.head in ("attention", "spatial"),
+    )
 
 
 def build_attribute_model(cfg: AttributeModelConfig) -> nn.Module:
     """The attribute model for ``cfg``, randomly initialised (weights come from checkpoints)."""
-    return _classes()["AttributeModel"](create_backbone(cfg.backbone), cfg)
+    return AttributeModel(create_backbone(cfg.backbone), cfg)
 
 
 def build_separate_models(cfg: AttributeModelConfig) -> list[nn.Module]:

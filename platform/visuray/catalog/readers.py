@@ -148,7 +148,7 @@ def _index_of(values: list[str | None], vocabulary: list[str]) -> list[int]:
 
 class CatalogRows:
     """A whole catalog in process memory (checksums verified on load); the torch-free core of
-    :class:`CatalogTorchDataset`, which is what training loops and samplers use.
+    :class:`visuray.catalog.torch_dataset.CatalogTorchDataset`, which is what training loops and samplers use.
 
     Image bytes stay encoded and are decoded in :meth:`__getitem__`, so a catalog of ~10k small photos
     costs tens of MB. ``labels`` and ``categories`` are one int per row (indices into ``label_names`` and
@@ -216,25 +216,3 @@ class CatalogRows:
             "description": self.descriptions[index],
             "attributes": self.attributes[index],
         }
-
-
-def _define_torch_dataset() -> type:
-    from torch.utils.data import Dataset
-
-    class CatalogTorchDataset(CatalogRows, Dataset):
-        """:class:`CatalogRows` as a ``torch.utils.data.Dataset`` (for DataLoader and samplers)."""
-
-    # Pickle (DataLoader workers, Ray) finds the class again as ``visuray.catalog.readers.CatalogTorchDataset``.
-    CatalogTorchDataset.__qualname__ = "CatalogTorchDataset"
-    CatalogTorchDataset.__module__ = __name__
-    return CatalogTorchDataset
-
-
-def __getattr__(name: str) -> Any:
-    """``CatalogTorchDataset`` is defined on first access, so importing this module does not import torch
-    (the CLI, reports and Ray Data drivers use the other readers)."""
-    if name == "CatalogTorchDataset":
-        cls = _define_torch_dataset()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

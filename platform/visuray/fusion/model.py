@@ -1,9 +1,10 @@
-"""The fusion model's config (torch-free), its builder, and its artifact (save, load, pretrained parts).
+"""The fusion model's builder and its artifact (save, load, pretrained parts); its config is in
+:mod:`visuray.fusion.config`.
 
 A fusion model artifact (kind ``fusion_model``) holds
 
 - ``model.safetensors``: the :class:`~visuray.fusion.modules.FusionModel` state dict,
-- ``fusion.yaml``: the :class:`FusionModelConfig` that rebuilds it (vocabulary size included),
+- ``fusion.yaml``: the :class:`~visuray.fusion.config.FusionModelConfig` that rebuilds it (vocabulary size included),
 - ``tokenizer.json``: the tokenizer the text encoder was trained with,
 - ``config.yaml`` (the job config), ``metrics.json`` and ``report.html`` when the job wrote them.
 
@@ -16,12 +17,12 @@ artifact's backbone); the text encoder (and its tokenizer) from another fusion m
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel
 
-from visuray.config import ConfigError, StrictModel, validate_config, yaml_load
-from visuray.models.config import BackboneConfig
+from visuray.config import ConfigError, validate_config, yaml_load
+from visuray.fusion.config import FusionModelConfig
 from visuray.storage import WEIGHTS_NAME, Artifact, StorageOptions
 
 if TYPE_CHECKING:
@@ -33,76 +34,6 @@ FUSION_KIND = "fusion_model"
 MODEL_CONFIG_NAME = "fusion.yaml"
 TOKENIZER_NAME = "tokenizer.json"
 TEXT_PREFIX = "text_encoder."
-
-FusionName = Literal["maaf", "residual", "image_only", "text_only", "concat", "tirg"]
-
-
-class TextEncoderConfig(StrictModel):
-    """The small text transformer trained from scratch."""
-
-    width: int = Field(128, gt=0, description="128 is plenty for catalog titles and short edits on CPU")
-    depth: int = Field(
-        2, ge=1, description="2 layers: modifying texts are short ('in red', 'shorter sleeves')"
-    )
-    heads: int = Field(4, ge=1, description="width / heads = 32 dims per head")
-    max_length: int = Field(
-        32,
-        ge=3,
-        description="context in tokens with [CLS] and [SEP]; two Fashion IQ captions fit in ~30, longer "
-        "text is truncated and the predictor says so",
-    )
-    dropout: float = Field(0.1, ge=0, lt=1, description="usual transformer dropout; 0 for tiny tests")
-    vocab_size: int = Field(
-        2000, gt=4, description="set from the tokenizer by the job; 2000 word pieces cover catalog text"
-    )
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self) -> TextEncoderConfig:
-        if self.width % self.heads:
-            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
-        return self
-
-
-class FusionModelConfig(StrictModel):
-    """Everything that rebuilds a fusion model's architecture."""
-
-    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
-    text: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
-    fusion: FusionName = Field(
-        "maaf",
-        description="maaf or residual (the fusion models); image_only, text_only, concat, tirg are the "
-        "baselines they are measured against",
-    )
-    fusion_depth: int = Field(
-        2,
-        ge=0,
-        description="transformer layers over the joint image+text tokens (maaf needs >= 1; residual "
-        "accepts 0: attention straight over the projected tokens); ignored by the baselines",
-    )
-    fusion_width: int = Field(128, gt=0, description="width of the joint tokens; 128 matches the text width")
-    fusion_heads: int = Field(4, ge=1, description="attention heads in the fusion layers")
-    fusion_dropout: float = Field(0.1, ge=0, lt=1, description="dropout in the fusion layers")
-    residual_init_weight: float = Field(
-        1.0,
-        description="initial weight of the residual in residual fusion (learnable). 1.0 when the image "
-        "encoder starts from random init; ~0.1 with a pretrained image encoder, so that the text at "
-        "first only nudges a good image embedding",
-    )
-    fusion_gate: bool = Field(
-        False,
-        description="maaf / residual only: also scale the image embedding, dimension by dimension, by a "
-        "gate read from the fused tokens (2 sigmoid(.), starting at 1), so the text can remove what it "
-        "replaces as well as add what it asks for",
-    )
-    embed_dim: int = Field(128, gt=0, description="query/target embedding size, as the embedding models")
-
-    @model_validator(mode="after")
-    def _depth_fits_fusion(self) -> FusionModelConfig:
-        if self.fusion == "maaf" and self.fusion_depth < 1:
-            raise ValueError("fusion 'maaf' needs fusion_depth >= 1")
-        if self.fusion_width % self.fusion_heads:
-            raise ValueError(f"fusion_width {self.fusion_width} is not divisible by fusion_heads")
-        return self
 
 
 def build_fusion_model(cfg: FusionModelConfig) -> nn.Module:

@@ -180,7 +180,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader
 
-    from visuray.catalog.readers import CatalogTorchDataset
+    from visuray.catalog.torch_dataset import CatalogTorchDataset
     from visuray.models.embedding import build_embedding_model
     from visuray.models.weights import prepare_for_training, starting_point
     from visuray.train.deepspeed_engine import (
