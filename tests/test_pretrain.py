@@ -13,7 +13,8 @@ import torch
 from tests.test_fault_tolerance import KILLED_RUN
 from tests.tiny import TINY_VIT
 from visuray.config import validate_config
-from visuray.evaluation.ssl_eval import SSLEvalOptions, evaluate_ssl_on_catalog
+from visuray.evaluation.ssl_eval import SSLEvalOptions
+from visuray.index.evaluate import evaluate_ssl_on_catalog
 from visuray.models.backbone import create_backbone
 from visuray.models.embedding import load_embedding_model
 from visuray.models.weights import load_pretrained

@@ -22,7 +22,8 @@ from visuray.jobspec import load_job_spec
 from visuray.metric_learning.config import FinetuneConfig
 from visuray.status import overview
 from visuray.sweep.config import SweepConfig
-from visuray.sweep.run import concurrent_trials, prepare_sweep, trial_job_data
+from visuray.sweep.prepare import prepare_sweep, trial_job_data
+from visuray.sweep.run import concurrent_trials
 from visuray.sweep.space import ParamSpec, check_key
 
 TINY_FINETUNE = {

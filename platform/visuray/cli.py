@@ -167,11 +167,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     ensure_ray(num_cpus=args.num_cpus)
     if args.task == "retrieval":
-        from visuray.evaluation.retrieval import evaluate_model_on_catalog
+        from visuray.index.evaluate import evaluate_model_on_catalog
 
         _print_json(evaluate_model_on_catalog(args.model, args.catalog, ks=tuple(args.k)))
         return
-    from visuray.evaluation.ssl_eval import TASKS, SSLEvalOptions, evaluate_ssl_on_catalog
+    from visuray.evaluation.ssl_eval import TASKS, SSLEvalOptions
+    from visuray.index.evaluate import evaluate_ssl_on_catalog
 
     opts = SSLEvalOptions(
         k=args.knn_k,

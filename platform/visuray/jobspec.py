@@ -35,7 +35,12 @@ class JobKind:
     def config_model(self) -> type[BaseModel]:
         return _import(self.config)
 
-    def run(self, cfg: BaseModel) -> dict[str, Any]:
+    def run(self, cfg: BaseModel, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+        """Run the job; ``callbacks`` (Ray Train callbacks) reach the trainer of a job that trains."""
+        if callbacks:
+            if self.metrics is None:
+                raise ValueError(f"the {self.name} job does not train: it takes no Ray Train callbacks")
+            return _import(self.runner)(cfg, callbacks=callbacks)
         return _import(self.runner)(cfg)
 
     def check(self, cfg: BaseModel) -> None:
@@ -110,7 +115,7 @@ JOBS: dict[str, JobKind] = {
             "visuray.sweep.run:run_sweep",
             "jobs/sweep.py",
             "tune a training job's hyperparameters with Ray Tune (ASHA early stopping)",
-            precheck="visuray.sweep.run:prepare_sweep",
+            precheck="visuray.sweep.prepare:prepare_sweep",
         ),
     ]
 }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,13 +33,15 @@ log = logging.getLogger(__name__)
 log = logging.getLogger(__name__)
 
 
-def build_trainer(cfg: AttributeTrainConfig, model_cfg: AttributeModelConfig) -> Any:
+def build_trainer(
+    cfg: AttributeTrainConfig, model_cfg: AttributeModelConfig, callbacks: Sequence[Any] = ()
+) -> Any:
     from visuray.storage import absolute_uri
     from visuray.train.ray_job import build_torch_trainer
 
     job = cfg.model_copy(update={"catalog": absolute_uri(cfg.catalog)})  # workers have another cwd
     loop_config = {"job": job.model_dump(mode="json"), "model": model_cfg.model_dump(mode="json")}
-    return build_torch_trainer(train_loop_per_worker, loop_config, cfg)
+    return build_torch_trainer(train_loop_per_worker, loop_config, cfg, callbacks=callbacks)
 
 
 def summary_metrics(report: dict[str, Any] | None) -> dict[str, Any]:
@@ -56,7 +59,7 @@ def precheck(cfg: AttributeTrainConfig) -> None:
     precheck_weights(cfg.model.backbone, cfg.storage, cfg.init_from)
 
 
-def run_train_attributes(cfg: AttributeTrainConfig) -> dict[str, Any]:
+def run_train_attributes(cfg: AttributeTrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Train on Ray Train, evaluate on held-out products, publish the model; return the run's summary."""
     from visuray.attributes.export import save_attribute_model
     from visuray.attributes.model import build_attribute_model
@@ -77,7 +80,7 @@ def run_train_attributes(cfg: AttributeTrainConfig) -> dict[str, Any]:
         [g.name for g in data.space.groups],
         *(len(data.splits[s]) for s in ("train", "val", "test")),
     )
-    result, summary = fit_checkpointed(build_trainer(cfg, model_cfg), "train_attributes", cfg.name)
+    result, summary = fit_checkpointed(build_trainer(cfg, model_cfg, callbacks), "train_attributes", cfg.name)
     model = build_attribute_model(model_cfg)
     state = load_train_checkpoint(result.checkpoint, model)
 

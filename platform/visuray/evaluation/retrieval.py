@@ -101,22 +101,3 @@ def retrieval_metrics(
     out["num_queries"] = float(n)
     out["map_at_r_truncated"] = float(truncated)
     return out
-
-
-def evaluate_model_on_catalog(
-    model_uri: str,
-    catalog_uri: str,
-    ks: Sequence[int] = (1, 5, 10),
-    options: Any = None,
-    batch_size: int = 64,
-) -> dict[str, Any]:
-    """Embed a catalog with a model (Ray Data) and report leave-one-out retrieval by label."""
-    from visuray.catalog.readers import load_catalog_frame
-    from visuray.index.embed import embed_catalog
-
-    ids, vectors = embed_catalog(catalog_uri, model_uri, options, batch_size=batch_size)
-    frame = load_catalog_frame(catalog_uri, options, columns=["item_id", "label"])
-    label_of = dict(zip(frame["item_id"], frame["label"], strict=True))
-    labels = [label_of[i] for i in ids]
-    metrics = retrieval_metrics(vectors, labels, ks=ks)
-    return {"model": model_uri, "catalog": catalog_uri, **{f"eval/{k}": v for k, v in metrics.items()}}

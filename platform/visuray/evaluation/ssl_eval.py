@@ -1,6 +1,6 @@
 """Evaluations of frozen embeddings on a labelled catalog: k-NN, few-shot, zero-shot retrieval.
 
-The catalog is embedded once (Ray Data, :func:`visuray.index.embed.embed_catalog`), then
+Given the embeddings of a catalog (:mod:`visuray.index.evaluate` embeds one with Ray Data):
 
 - ``knn``: weighted k-NN accuracy with a per-class split of the *items* (every class on both sides);
 - ``fewshot``: N-way K-shot episodes on *held-out classes* (prototype and logistic-regression heads);
@@ -22,7 +22,6 @@ import numpy as np
 from visuray.evaluation.fewshot import fewshot_accuracy
 from visuray.evaluation.knn import knn_accuracy, l2_normalise, stratified_item_split
 from visuray.evaluation.retrieval import retrieval_metrics
-from visuray.storage import StorageOptions
 
 TASKS = ("knn", "fewshot", "zeroshot")
 
@@ -83,25 +82,3 @@ def evaluate_embeddings(
             metrics = retrieval_metrics(vectors[mask], labels_arr[mask].tolist(), ks=opts.ks)
             out.update({f"eval/zeroshot/{k}": v for k, v in metrics.items()})
     return out
-
-
-def evaluate_ssl_on_catalog(
-    model_uri: str,
-    catalog_uri: str,
-    tasks: Sequence[str] = TASKS,
-    opts: SSLEvalOptions | None = None,
-    options: StorageOptions | None = None,
-    batch_size: int = 64,
-) -> dict[str, Any]:
-    """Embed a labelled catalog with a model (Ray Data) and run ``tasks`` on the embeddings."""
-    from visuray.catalog.readers import load_catalog_frame
-    from visuray.index.embed import embed_catalog
-
-    opts = opts or SSLEvalOptions()
-    ids, vectors = embed_catalog(catalog_uri, model_uri, options, batch_size=batch_size)
-    frame = load_catalog_frame(catalog_uri, options, columns=["item_id", "label"])
-    label_of = dict(zip(frame["item_id"], frame["label"], strict=True))
-    keep = [i for i, item in enumerate(ids) if label_of.get(item) is not None]
-    labels = [label_of[ids[i]] for i in keep]
-    metrics = evaluate_embeddings(vectors[keep], labels, tasks, opts)
-    return {"model": model_uri, "catalog": catalog_uri, "num_items": len(keep), **metrics}

@@ -28,11 +28,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def build_trainer(cfg: FusionTrainConfig, tokenizer: TextTokenizer) -> Any:
+def build_trainer(cfg: FusionTrainConfig, tokenizer: TextTokenizer, callbacks: Sequence[Any] = ()) -> Any:
     from visuray.train.ray_job import build_torch_trainer
 
     loop_config = {"cfg": cfg.model_dump(mode="json"), "tokenizer": tokenizer.to_json()}
-    return build_torch_trainer(train_loop_per_worker, loop_config, cfg)
+    return build_torch_trainer(train_loop_per_worker, loop_config, cfg, callbacks=callbacks)
 
 
 def with_absolute_inputs(cfg: FusionTrainConfig) -> FusionTrainConfig:
@@ -54,7 +54,7 @@ def precheck(cfg: FusionTrainConfig) -> None:
     precheck_weights(cfg.model.backbone, cfg.storage, cfg.image_init_from)
 
 
-def run_train_fusion(cfg: FusionTrainConfig) -> dict[str, Any]:
+def run_train_fusion(cfg: FusionTrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Train on Ray Train, publish the model with tokenizer, metrics and report; return the summary."""
     from visuray.cluster import ensure_ray
     from visuray.fusion.html_report import render_report
@@ -81,7 +81,7 @@ def run_train_fusion(cfg: FusionTrainConfig) -> dict[str, Any]:
         cfg.output,
         TEMPLATED_TEXT_NOTE,
     )
-    result, summary = fit_checkpointed(build_trainer(cfg, tokenizer), "train_fusion", cfg.name)
+    result, summary = fit_checkpointed(build_trainer(cfg, tokenizer, callbacks), "train_fusion", cfg.name)
     objective = build_objective(cfg)
     state = load_train_checkpoint(result.checkpoint, objective)
     metrics = summary.get("metrics", {})

@@ -12,6 +12,7 @@ with the same number of workers and ZeRO stage) and the step. The data order is 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from visuray.metric_learning.config import FinetuneConfig
@@ -31,14 +32,14 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------------
 
 
-def build_trainer(cfg: FinetuneConfig) -> Any:
+def build_trainer(cfg: FinetuneConfig, callbacks: Sequence[Any] = ()) -> Any:
     from visuray.train.deepspeed_engine import load_deepspeed_config
     from visuray.train.ray_job import build_torch_trainer
 
     # The DeepSpeed JSON is read here, on the driver, where the repository's jobs/configs is at hand.
     ds_base = load_deepspeed_config(cfg.deepspeed.zero_stage, cfg.deepspeed.config)
     loop_config = {"job": cfg.model_dump(mode="json"), "deepspeed": ds_base}
-    return build_torch_trainer(train_loop_per_worker, loop_config, cfg)
+    return build_torch_trainer(train_loop_per_worker, loop_config, cfg, callbacks=callbacks)
 
 
 def with_checked_weights(cfg: FinetuneConfig) -> FinetuneConfig:
@@ -58,7 +59,7 @@ def precheck(cfg: FinetuneConfig) -> None:
     precheck_weights(cfg.model.backbone, cfg.storage, cfg.init_from)
 
 
-def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+def run_finetune(cfg: FinetuneConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Train on Ray Train, publish the final weights as a model artifact, return the run's summary."""
     from visuray.cluster import ensure_ray
     from visuray.models.embedding import build_embedding_model, save_model
@@ -67,7 +68,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     ensure_ray()
     cfg = with_checked_weights(cfg)
     log.info("finetune %r: %d steps on %s -> %s", cfg.name, cfg.train.steps, cfg.catalog, cfg.output)
-    result, summary = fit_checkpointed(build_trainer(cfg), "finetune", cfg.name)
+    result, summary = fit_checkpointed(build_trainer(cfg, callbacks), "finetune", cfg.name)
     # The summary comes from rank 0's return value, with the checkpoint's own state as the fallback.
     model = build_embedding_model(cfg.model)
     state = load_train_checkpoint(result.checkpoint, model)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from visuray.ssl.config import PretrainConfig
@@ -36,7 +37,7 @@ def tensorboard_dir(cfg: PretrainConfig) -> str | None:
     return os.path.join(absolute_uri(cfg.run_dir), cfg.name, "tensorboard")
 
 
-def build_trainer(cfg: PretrainConfig) -> Any:
+def build_trainer(cfg: PretrainConfig, callbacks: Sequence[Any] = ()) -> Any:
     from visuray.catalog.readers import read_catalog_dataset
     from visuray.train.deepspeed_engine import load_deepspeed_config
     from visuray.train.ray_job import build_torch_trainer
@@ -54,6 +55,7 @@ def build_trainer(cfg: PretrainConfig) -> Any:
         cfg,
         extra_resources=cfg.scaling.resources_per_worker,
         datasets={"train": dataset},
+        callbacks=callbacks,
     )
 
 
@@ -116,7 +118,7 @@ def precheck(cfg: PretrainConfig) -> None:
     precheck_weights(cfg.model.backbone, cfg.storage)
 
 
-def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+def run_pretrain(cfg: PretrainConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Pretrain on Ray Train, publish the teacher's backbone as a model artifact, return the summary."""
     from visuray.cluster import ensure_ray
     from visuray.train.ray_job import fit_checkpointed
@@ -124,7 +126,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     ensure_ray()
     cfg = with_checked_weights(cfg)
     log.info("pretrain %r: %d steps on %s -> %s", cfg.name, cfg.train.steps, cfg.catalog, cfg.output)
-    result, summary = fit_checkpointed(build_trainer(cfg), "pretrain", cfg.name)
+    result, summary = fit_checkpointed(build_trainer(cfg, callbacks), "pretrain", cfg.name)
     with result.checkpoint.as_directory() as directory:
         state = read_checkpoint_state(directory)
         teacher = load_teacher_tensors(directory)

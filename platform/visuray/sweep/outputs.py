@@ -18,6 +18,7 @@ import re
 from typing import Any
 
 from visuray.storage import join, write_text
+from visuray.sweep.prepare import trial_job_data
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,6 @@ def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, An
 def best_spec_yaml(prepared: Any, row: dict[str, Any]) -> str:
     """The job spec with the best values, validated, with a header saying where it came from."""
     from visuray.config import config_to_yaml, validate_config
-    from visuray.sweep.run import trial_job_data
 
     cfg = prepared.cfg
     params = {key: row[key] for key in cfg.search_space}

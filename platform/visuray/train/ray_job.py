@@ -9,7 +9,7 @@ and :func:`fit_checkpointed` runs it and checks its result the same way.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +33,15 @@ def build_torch_trainer(
     cfg: Any,
     extra_resources: Mapping[str, float] | None = None,
     datasets: dict[str, Any] | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> Any:
     """A ``TorchTrainer`` for a job config with name / run_dir / storage / scaling / train.keep_checkpoints.
 
-    ``extra_resources`` are custom resources per worker (e.g. to pin workers to nodes).
+    ``extra_resources`` are custom resources per worker (e.g. to pin workers to nodes); ``callbacks`` are
+    Ray Train callbacks for the run (a sweep trial's forwards the metric reports to Ray Tune).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from visuray.sweep.report import trial_callbacks
 
     storage_path, storage_filesystem = ray_storage(cfg.run_dir, cfg.storage)
     return TorchTrainer(
@@ -58,7 +58,7 @@ def build_torch_trainer(
             storage_filesystem=storage_filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-            callbacks=trial_callbacks(),  # inside a sweep trial: forward the metric reports to Ray Tune
+            callbacks=list(callbacks),
         ),
         datasets=datasets,
     )
