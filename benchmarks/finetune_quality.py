@@ -202,7 +202,7 @@ def train_in_process(catalog: str, rows: Any, subset: Subset, model_cfg: dict, l
 
 
 def embed(model: Any, images: list[bytes], img_size: int) -> np.ndarray:
-    from visuray.report import embed_images_in_process
+    from visuray.evaluation.baselines import embed_images_in_process
 
     return embed_images_in_process(images, model, img_size, batch=128)
 
@@ -219,7 +219,7 @@ def random_init_model(model_cfg: dict) -> Any:
 
 def baseline_embedders(model_cfg: dict, args: Any) -> dict[str, Any]:
     """name -> function(images) -> vectors, for the rows that need no training."""
-    from visuray.report import raw_pixel_embedding
+    from visuray.evaluation.baselines import raw_pixel_embedding
 
     img_size = model_cfg["backbone"]["img_size"]
     out: dict[str, Any] = {

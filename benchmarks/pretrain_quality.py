@@ -86,7 +86,7 @@ def heldout_rows(
 
 def backbone_features(backbone: Any, images: list[bytes], img_size: int) -> np.ndarray:
     """Pooled backbone features of encoded images, with the evaluation/serving preprocessing."""
-    from visuray.report import embed_images_in_process
+    from visuray.evaluation.baselines import embed_images_in_process
 
     def pooled(batch: Any) -> Any:
         return backbone.forward_head(backbone.forward_features(batch), pre_logits=True)
@@ -260,9 +260,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     from visuray.catalog.readers import load_catalog_frame
+    from visuray.evaluation.baselines import raw_pixel_embedding
     from visuray.models.backbone import create_backbone
     from visuray.models.embedding import load_embedding_model, read_model_config
-    from visuray.report import raw_pixel_embedding
 
     started = time.monotonic()
     torch.set_num_threads(max(1, torch.get_num_threads()))

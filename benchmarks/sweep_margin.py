@@ -135,8 +135,8 @@ def train_default(catalogs: dict, work: Path, args: Any) -> str:
 
 def test_rows(catalogs: dict, models: dict[str, str]) -> list[dict[str, Any]]:
     from visuray.catalog.readers import CatalogRows
+    from visuray.evaluation.baselines import raw_pixel_embedding
     from visuray.models.embedding import load_embedding_model
-    from visuray.report import raw_pixel_embedding
 
     rows = CatalogRows(catalogs["test"])
     images = [rows.image_bytes(i) for i in range(len(rows))]

@@ -10,10 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from visuray.images import InputSpec
-
 
 @dataclass
 class QueryResult:
@@ -49,35 +45,6 @@ def _img_tag(data: bytes, caption: str, ok: bool | None = None) -> str:
     )
 
 
-def embed_images_in_process(
-    images: list[bytes], embed: Any, spec: InputSpec | int, batch: int = 64
-) -> np.ndarray:
-    """Embed encoded images with a torch module in this process (for small report-side baselines), fed
-    as the model expects (``spec``: its input size, mean and std)."""
-    import torch
-
-    from visuray.images import encoded_image_batches
-
-    out = []
-    with torch.no_grad():
-        for x in encoded_image_batches(images, spec, batch):
-            out.append(embed(x).float().numpy())
-    return np.concatenate(out)
-
-
-def raw_pixel_embedding(images: list[bytes], size: int = 16) -> np.ndarray:
-    """The trivial baseline: the image downsampled to size x size RGB, mean-centred, L2-normalised."""
-    from visuray.images import decode_image
-
-    rows = []
-    for data in images:
-        img = decode_image(data).resize((size, size))
-        v = np.asarray(img, dtype=np.float32).ravel()
-        v -= v.mean()
-        rows.append(v / (np.linalg.norm(v) + 1e-8))
-    return np.stack(rows)
-
-
 def baseline_table(
     catalog_uri: str,
     model_uri: str,
@@ -98,6 +65,7 @@ def baseline_table(
     import torch
 
     from visuray.catalog.readers import load_catalog_frame
+    from visuray.evaluation.baselines import embed_images_in_process, raw_pixel_embedding
     from visuray.evaluation.retrieval import retrieval_metrics
     from visuray.models.embedding import build_embedding_model, load_embedding_model, read_model_config
 

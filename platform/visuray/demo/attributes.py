@@ -1,4 +1,4 @@
-"""The attribute stage of the demo: a tiny attribute model and its baseline on the demo catalog.
+"""The attribute stage of the demo: an attribute model and its pooled baseline on the demo catalog.
 
 The demo catalog is the bundled clothing-small sample (folder-ingested: the class is the row's ``label``).
 Its attribute groups are derived from the class (:func:`visuray.attributes.labels.clothing_small_groups`):
@@ -25,23 +25,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from visuray.attributes.config import AttributeTrainConfig
+
 log = logging.getLogger(__name__)
 
-# The bundled ImageNet weights (EfficientNet-Lite0) at 128 px: the last tap is a 4 x 4 map of 320 channels,
-# so the attention has positions to choose from; the stem and first five of seven stages stay frozen, which
-# keeps a step of 32 images to a fraction of a second on two cores.
-DEMO_ARCHITECTURE = {"backbone": {"img_size": 128}, "embed_dim": 64, "num_maps": 2}
-DEMO_FROZEN_BLOCKS = 5
-DEMO_BATCH = 32
-DEMO_LR = 1e-3
 
-
-def run_demo_attribute_stage(catalog_uri: str, output_dir: str, steps: int) -> dict[str, Any]:
-    """Train attention and baseline models for ``steps`` steps on ``catalog_uri``, evaluate both on held-out
-    photos, publish the attention model under ``output_dir``; returns the figures and paths."""
+def run_demo_attribute_stage(job: AttributeTrainConfig) -> dict[str, Any]:
+    """Train attention and baseline models of ``job``'s architecture (its ``train.steps``, batch, rate and
+    frozen blocks) on ``job.catalog``, evaluate both on held-out photos, publish the attention model to
+    ``job.output``; returns the figures and paths. The bundled ImageNet weights at 128 px: the last tap is
+    a 4 x 4 map of 320 channels, so the attention has positions to choose from."""
     import torch
 
-    from visuray.attributes.config import AttributeArchitecture, LossSection, SplitSection
+    from visuray.attributes.config import SplitSection
     from visuray.attributes.data import decode_to_uint8, prepare_catalog, resolve_model_config
     from visuray.attributes.evaluate import evaluate_prepared
     from visuray.attributes.export import save_attribute_model
@@ -52,12 +48,12 @@ def run_demo_attribute_stage(catalog_uri: str, output_dir: str, steps: int) -> d
     from visuray.models.weights import check_pretrained, prepare_for_training
 
     started = time.monotonic()
-    out = Path(output_dir).absolute()
+    out = Path(job.output).absolute()
     out.mkdir(parents=True, exist_ok=True)
+    tc, steps = job.train, job.train.steps
     specs = clothing_small_groups()
-    data = prepare_catalog(catalog_uri, None, specs, SplitSection(val_fraction=0.15, test_fraction=0.2), 5)
-    arch = AttributeArchitecture.model_validate(DEMO_ARCHITECTURE)
-    arch = arch.model_copy(update={"backbone": check_pretrained(arch.backbone)})
+    data = prepare_catalog(job.catalog, None, specs, SplitSection(val_fraction=0.15, test_fraction=0.2), 5)
+    arch = job.model.model_copy(update={"backbone": check_pretrained(job.model.backbone)})
     spec = arch.backbone.input_spec
     train = data.splits["train"]
     images = decode_to_uint8([data.rows.image_bytes(i) for i in train], spec.img_size)
@@ -69,10 +65,10 @@ def run_demo_attribute_stage(catalog_uri: str, output_dir: str, steps: int) -> d
         model_cfg = resolve_model_config(arch.model_copy(update={"head": head}), specs, data.space)
         torch.manual_seed(0)  # the same head initialisation for both
         model = build_attribute_model(model_cfg)
-        prepare_for_training(model.backbone, model_cfg.backbone, freeze_blocks=DEMO_FROZEN_BLOCKS)
+        prepare_for_training(model.backbone, model_cfg.backbone, freeze_blocks=tc.freeze_blocks)
         losses = fit_in_process(
-            model, images, spec, data.targets[train], data.known[train], LossSection(),
-            steps=steps, batch_size=DEMO_BATCH, lr=DEMO_LR, warmup_steps=min(10, steps // 5), seed=0,
+            model, images, spec, data.targets[train], data.known[train], job.loss, steps=steps,
+            batch_size=tc.batch_size, lr=tc.lr, warmup_steps=tc.warmup_steps, seed=tc.seed,
         )  # fmt: skip
         evaluation = evaluate_prepared(model, data, spec, min_positives=3)
         evaluation["losses"] = losses
@@ -97,7 +93,7 @@ def run_demo_attribute_stage(catalog_uri: str, output_dir: str, steps: int) -> d
         attention["thresholds"],
         evaluation={"test": attention["test"]},
         roc_png=roc_png,
-        metadata={"trained_by": "demo", "train_steps": steps, "catalog": catalog_uri},
+        metadata={"trained_by": "demo", "train_steps": steps, "catalog": job.catalog},
     )
     baseline = results["pooled"]["test"]
     return {
