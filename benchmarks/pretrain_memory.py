@@ -191,12 +191,11 @@ def _measured_loop(config: dict[str, Any], out_dir: str) -> dict[str, Any]:
     import ray.train
 
     import visuray.ssl.loop as pretrain
-    import visuray.train.deepspeed_engine as ds_engine
 
     record: dict[str, Any] = {"rss_before_bytes": rss_bytes(), "peak_rss_before_bytes": peak_rss_bytes()}
     kept: dict[str, Any] = {}
     steps = int(config["job"]["train"]["steps"])
-    build_engine, build_teacher = ds_engine.build_engine, pretrain.build_teacher
+    build_engine, build_teacher = pretrain.build_engine, pretrain.build_teacher
 
     def keeping_teacher(*args: Any, **kwargs: Any) -> Any:
         kept["teacher"] = build_teacher(*args, **kwargs)
@@ -220,8 +219,8 @@ def _measured_loop(config: dict[str, Any], out_dir: str) -> dict[str, Any]:
         engine.step = step  # an instance attribute shadows the method the loop calls
         return engine
 
-    # The loop looks these names up when it starts, so patching the modules' attributes reaches it.
-    ds_engine.build_engine = measuring_engine
+    # The loop looks these names up in its module when it runs, so patching them there reaches it.
+    pretrain.build_engine = measuring_engine
     pretrain.build_teacher = keeping_teacher
     summary = pretrain.train_loop_per_worker(config)
     record["peak_rss_end_bytes"] = peak_rss_bytes()

@@ -259,12 +259,11 @@ def _measured_loop(config: dict[str, Any], bench: dict[str, Any]) -> dict[str, A
     import visuray.ssl.dino
     import visuray.ssl.loop as pretrain
     import visuray.ssl.multicrop
-    import visuray.train.deepspeed_engine as ds_engine
 
     torch.set_num_threads(int(bench["threads"]))
     clock = PhaseClock()
     write_heartbeat, stream = pretrain.write_heartbeat, pretrain.stream_image_batches
-    build_engine, batch_crops = ds_engine.build_engine, visuray.ssl.multicrop.MultiCropAugmentation.batch
+    build_engine, batch_crops = pretrain.build_engine, visuray.ssl.multicrop.MultiCropAugmentation.batch
 
     def stamped_heartbeat(directory: str, rank: int, record: dict[str, Any]) -> None:
         write_heartbeat(directory, rank, record)
@@ -278,13 +277,13 @@ def _measured_loop(config: dict[str, Any], bench: dict[str, Any]) -> dict[str, A
         engine.step = clock.timed("step", engine.step)
         return engine
 
-    # The loop imports these names when it starts, so patching the modules' attributes reaches it.
     pretrain.write_heartbeat = stamped_heartbeat
     pretrain.stream_image_batches = lambda *a, **k: clock.timed_iter("data", stream(*a, **k))
-    ds_engine.build_engine = timed_engine
-    visuray.images.decode_image = clock.timed("decode", visuray.images.decode_image)
+    # The loop's module holds the names it calls: patch them there.
+    pretrain.build_engine = timed_engine
+    pretrain.decode_image = clock.timed("decode", pretrain.decode_image)
     visuray.ssl.multicrop.MultiCropAugmentation.batch = clock.timed("crop", batch_crops)
-    visuray.ssl.dino.update_teacher = clock.timed("ema", visuray.ssl.dino.update_teacher)
+    pretrain.update_teacher = clock.timed("ema", pretrain.update_teacher)
 
     summary = pretrain.train_loop_per_worker(config)
     rank = ray.train.get_context().get_world_rank()

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 
 from visuray import __version__
-from visuray.config import config_to_yaml
+from visuray.config import ConfigError, config_to_yaml, validate_config, yaml_load
 from visuray.storage import (
     WEIGHTS_NAME,
     Artifact,
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+C = TypeVar("C", bound=BaseModel)
 MODEL_CONFIG_NAME = "model.yaml"  # the model config's default name in its artifact
 JOB_CONFIG_NAME = "config.yaml"
 
@@ -123,6 +124,16 @@ def publish_weights(
             "format": "safetensors",
         }
         return writer.publish(meta)
+
+
+def read_config(artifact: Artifact, model: type[C], name: str = MODEL_CONFIG_NAME) -> C:
+    """The model config ``name`` of ``artifact``, validated into ``model``; a file that does not validate
+    is a :class:`CheckpointError` naming the file and the keys."""
+    data = yaml_load(artifact.read(name).decode())
+    try:
+        return validate_config(model, data or {}, f"{artifact.uri}/{name}")
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def resolve_kind(uri: str, kind: str, options: StorageOptions | None = None) -> Artifact:

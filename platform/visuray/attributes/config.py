@@ -11,7 +11,6 @@ from pydantic import Field, model_validator
 from visuray.attributes.labels import AttributeGroupSpec, fashion_groups
 from visuray.config import StrictModel
 from visuray.models.config import BackboneConfig
-from visuray.storage import StorageOptions
 from visuray.train import common
 
 HeadKind = Literal["attention", "pooled", "spatial", "channel"]
@@ -162,20 +161,12 @@ class EvalSection(StrictModel):
     batch_size: int = Field(256, ge=1, description="inference batch")
 
 
-class AttributeTrainConfig(StrictModel):
-    """The ``train_attributes`` job: catalog in, attribute model artifact out."""
+class AttributeTrainConfig(common.TrainingJobConfig):
+    """The ``train_attributes`` job: a catalog whose rows carry the attributes in, attribute model artifact out."""
 
     job: Literal["train_attributes"] = "train_attributes"
     name: str = common.run_name_field("train-attributes")
-    storage: StorageOptions = Field(default_factory=StorageOptions)
-    catalog: str = Field(..., description="URI of a published catalog whose rows carry the attributes")
-    output: str = Field(..., description="URI of the attribute model artifact to publish into")
-    run_dir: str = common.run_dir_field()
-    init_from: str | None = Field(
-        None,
-        description="model artifact (embedding or SSL) whose backbone initialises this one; the same as "
-        "model.backbone.weights=<artifact>, and replaces it when set",
-    )
+    init_from: str | None = common.init_from_field()
     model: AttributeArchitecture = Field(default_factory=AttributeArchitecture)
     labels: LabelSection = Field(default_factory=LabelSection)
     split: SplitSection = Field(default_factory=SplitSection)

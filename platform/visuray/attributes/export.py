@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from visuray.attributes.config import AttributeModelConfig
-from visuray.config import ConfigError, validate_config, yaml_load
 from visuray.storage import WEIGHTS_NAME, Artifact, ArtifactError, StorageOptions
 
 if TYPE_CHECKING:
@@ -88,11 +87,9 @@ def resolve_attribute_model(uri: str, options: StorageOptions | None = None) -> 
 
 
 def read_attribute_model_config(artifact: Artifact) -> AttributeModelConfig:
-    data = yaml_load(artifact.read(MODEL_CONFIG_NAME).decode())
-    try:
-        return validate_config(AttributeModelConfig, data or {}, f"{artifact.uri}/{MODEL_CONFIG_NAME}")
-    except ConfigError as exc:
-        raise ArtifactError(str(exc)) from None
+    from visuray.checkpoint import read_config
+
+    return read_config(artifact, AttributeModelConfig, MODEL_CONFIG_NAME)
 
 
 def load_attribute_model(

@@ -23,6 +23,7 @@ from visuray.attributes.config import VALIDATION_METRICS, AttributeModelConfig, 
 from visuray.attributes.data import prepare_catalog, resolve_model_config
 from visuray.attributes.evaluate import evaluate_prepared
 from visuray.attributes.loop import train_loop_per_worker
+from visuray.train import common
 
 if TYPE_CHECKING:
     pass
@@ -120,19 +121,11 @@ def run_train_attributes(cfg: AttributeTrainConfig, callbacks: Sequence[Any] = (
         evaluation["test"]["macro_auc"],
         evaluation["test"]["map"],
     )
-    return {
-        "output": artifact.uri,
-        "model_version": artifact.manifest.version,
-        "steps": state.step,
-        "start_step": summary.get("start_step"),
-        "final_loss": summary.get("final_loss", state.loss),
-        "history": summary.get("history", []),
-        "labels": data.space.names,
-        "test": summary_metrics(evaluation["test"]),
-        "test_wild": summary_metrics(evaluation["test_wild"]),
-        "run_path": result.path,
-        "checkpoint": result.checkpoint.path,
-    }
+    return common.run_summary(
+        artifact, result, summary, state.step, summary.get("final_loss", state.loss),
+        labels=data.space.names, test=summary_metrics(evaluation["test"]),
+        test_wild=summary_metrics(evaluation["test_wild"]),
+    )  # fmt: skip
 
 
 def reported_metrics(cfg: AttributeTrainConfig) -> set[str]:

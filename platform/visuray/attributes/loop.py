@@ -8,16 +8,29 @@ uninterrupted run would have seen.
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
 
 from visuray.attributes.config import VALIDATION_METRICS, AttributeModelConfig, AttributeTrainConfig
-from visuray.attributes.data import label_space_of, prepare_catalog
+from visuray.attributes.data import augment, batch_indices, decode_to_uint8, label_space_of, prepare_catalog
+from visuray.attributes.fit import build_loss, predict_probabilities, training_step
+from visuray.attributes.metrics import multilabel_report
+from visuray.attributes.model import build_attribute_model
+from visuray.models.weights import prepare_for_training, starting_point
 from visuray.train import common
-
-if TYPE_CHECKING:
-    pass
+from visuray.train.common import (
+    TrainState,
+    decay_param_groups,
+    load_train_checkpoint,
+    mean_across_ranks,
+    save_train_checkpoint,
+)
+from visuray.train.schedules import lr_schedule
 
 log = logging.getLogger(__name__)
 
@@ -27,24 +40,6 @@ log = logging.getLogger(__name__)
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """One Ray Train worker; rank 0's summary comes back as ``Result.return_value``."""
-    import ray.train
-    import ray.train.torch
-    import torch
-
-    from visuray.attributes.data import augment, batch_indices, decode_to_uint8
-    from visuray.attributes.fit import build_loss, predict_probabilities, training_step
-    from visuray.attributes.metrics import multilabel_report
-    from visuray.attributes.model import build_attribute_model
-    from visuray.models.weights import prepare_for_training, starting_point
-    from visuray.train.common import (
-        TrainState,
-        decay_param_groups,
-        load_train_checkpoint,
-        mean_across_ranks,
-        save_train_checkpoint,
-    )
-    from visuray.train.schedules import lr_schedule
-
     cfg = AttributeTrainConfig.model_validate(config["job"])
     model_cfg = AttributeModelConfig.model_validate(config["model"])
     tc = cfg.train
@@ -121,8 +116,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         loss_sum += loss
         loss_count += 1
 
-        save = step % tc.checkpoint_every == 0 or step == tc.steps
-        validate = len(val) > 0 and (step % tc.validate_every == 0 or step == tc.steps)
+        save = common.is_due(step, tc.checkpoint_every, tc.steps)
+        validate = len(val) > 0 and common.is_due(step, tc.validate_every, tc.steps)
         if not (save or validate or step % tc.log_every == 0):
             continue
         last_loss = mean_across_ranks(loss_sum / loss_count)  # every rank gets here at the same steps
@@ -143,22 +138,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 scores, data.targets[val], data.known[val], data.space.names, cfg.eval.min_positives
             )
             metrics |= {name: report[name.removeprefix("val/")] for name in VALIDATION_METRICS}
-        history.append(common.history_entry(metrics))
-        if rank == 0:
-            log.info(
-                "step %d/%d loss %.4f%s%s",
-                step,
-                tc.steps,
-                last_loss,
-                common.validation_text(metrics),
-                " (checkpoint)" if save else "",
-            )
+        common.record_step(history, metrics, tc.steps, save, log, rank)
+        writer = None  # rank 0 writes the (unsharded) state; the other ranks report their losses only
         if save and rank == 0:
-            with tempfile.TemporaryDirectory() as directory:
-                save_train_checkpoint(directory, model, optimizer, step, last_loss)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-        else:
-            ray.train.report(metrics)
+            writer = partial(
+                save_train_checkpoint, model=model, optimizer=optimizer, step=step, loss=last_loss
+            )
+        common.report_step(metrics, writer)
         loss_sum, loss_count, started = torch.zeros((), device=device), 0, time.monotonic()
 
     return {"start_step": start_step, "steps": step, "final_loss": last_loss, "history": history}

@@ -10,7 +10,6 @@ from pydantic import Field, model_validator
 
 from visuray.config import StrictModel
 from visuray.models.config import BackboneConfig
-from visuray.storage import StorageOptions
 from visuray.train import common
 
 FusionName = Literal["maaf", "residual", "image_only", "text_only", "concat", "tirg"]
@@ -166,20 +165,13 @@ class EvalSection(StrictModel):
     batch_size: int = Field(128, ge=1, description="images per forward pass when embedding the gallery")
 
 
-class FusionTrainConfig(StrictModel):
-    """The ``train_fusion`` job: catalog in, fusion model artifact (weights, tokenizer, report) out."""
+class FusionTrainConfig(common.TrainingJobConfig):
+    """The ``train_fusion`` job: a catalog with type and colour attributes in, fusion model artifact
+    (weights, tokenizer, report) out."""
 
     job: Literal["train_fusion"] = "train_fusion"
     name: str = common.run_name_field("train-fusion")
-    storage: StorageOptions = Field(default_factory=StorageOptions)
-    catalog: str = Field(..., description="URI of a published catalog with type and colour attributes")
-    output: str = Field(..., description="URI of the fusion model artifact to publish a new version into")
-    run_dir: str = common.run_dir_field()
-    image_init_from: str | None = Field(
-        None,
-        description="model artifact whose backbone initialises the image encoder; the same as "
-        "model.backbone.weights=<artifact>, and replaces it when set",
-    )
+    image_init_from: str | None = common.init_from_field("the image encoder")
     text_init_from: str | None = Field(
         None, description="fusion model artifact whose text encoder (and tokenizer) initialise this one"
     )

@@ -20,6 +20,7 @@ from visuray.fusion.datasets import (
     TEMPLATED_TEXT_NOTE,
 )
 from visuray.fusion.loop import build_objective, load_train_checkpoint, train_loop_per_worker
+from visuray.train import common
 
 if TYPE_CHECKING:
     from visuray.fusion.tokenizer import TextTokenizer
@@ -113,18 +114,10 @@ def run_train_fusion(cfg: FusionTrainConfig, callbacks: Sequence[Any] = ()) -> d
         options=cfg.storage,
     )
     log.info("published fusion model %s (version %s)", artifact.uri, artifact.manifest.version)
-    return {
-        "output": artifact.uri,
-        "model_version": artifact.manifest.version,
-        "steps": state["step"],
-        "start_step": summary.get("start_step"),
-        "final_loss": summary.get("final_loss", state["loss"]),
-        "metrics": metrics,
-        "history": summary.get("history", []),
-        "run_path": result.path,
-        "checkpoint": result.checkpoint.path,
-        "text_note": TEMPLATED_TEXT_NOTE,
-    }
+    final_loss = summary.get("final_loss", state["loss"])
+    return common.run_summary(
+        artifact, result, summary, state["step"], final_loss, metrics=metrics, text_note=TEMPLATED_TEXT_NOTE
+    )
 
 
 def _example_images(cfg: FusionTrainConfig, examples: Sequence[dict[str, Any]]) -> dict[str, bytes]:

@@ -13,29 +13,32 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import ray.train
+import ray.train.torch
+import torch
+
+from visuray.checkpoint import unwrap_model
 from visuray.fusion.config import FusionTrainConfig, FusionTrainSection, validation_metric_names
 from visuray.fusion.data import ImageTensorCache, build_fusion_data, load_items
 from visuray.fusion.datasets import (
     ComposedQuery,
 )
 from visuray.fusion.evaluate import evaluate
+from visuray.fusion.tokenizer import TextTokenizer
 from visuray.models.config import BackboneConfig
+from visuray.models.weights import prepare_for_training
 from visuray.train import common
+from visuray.train.common import mean_across_ranks
 from visuray.train.schedules import lr_schedule
 
 if TYPE_CHECKING:
-    import ray.train
-    import torch
     from torch import nn
-
-    from visuray.fusion.tokenizer import TextTokenizer
-
 
 log = logging.getLogger(__name__)
 
@@ -208,15 +211,6 @@ def load_train_checkpoint(checkpoint: ray.train.Checkpoint, objective: nn.Module
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """One Ray Train worker; rank 0 returns the summary (metrics, report examples) as ``return_value``."""
-    import ray.train
-    import ray.train.torch
-    import torch
-
-    from visuray.checkpoint import unwrap_model
-    from visuray.fusion.tokenizer import TextTokenizer
-    from visuray.models.weights import prepare_for_training
-    from visuray.train.common import mean_across_ranks
-
     cfg = FusionTrainConfig.model_validate(config["cfg"])
     tokenizer = TextTokenizer.from_json(config["tokenizer"], cfg.model.text.max_length)
     tc = cfg.train
@@ -269,8 +263,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         nonlocal last_loss
         window["sum"] += loss
         window["count"] += 1
-        save = step % tc.checkpoint_every == 0 or step == tc.steps
-        validate = bool(data.val_queries) and (step % tc.validate_every == 0 or step == tc.steps)
+        save = common.is_due(step, tc.checkpoint_every, tc.steps)
+        validate = bool(data.val_queries) and common.is_due(step, tc.validate_every, tc.steps)
         if not (save or validate or step % tc.log_every == 0):
             return
         last_loss = mean_across_ranks(window["sum"] / window["count"])  # every rank reaches this together
@@ -288,22 +282,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 unwrap_model(objective).model, cache, tokenizer, data, cfg.eval, split="val"
             ).metrics
             metrics |= {k: v for k, v in val.items() if k in validation_metric_names(cfg)}
-        history.append(common.history_entry(metrics))
-        if rank == 0:
-            log.info(
-                "step %d/%d loss %.4f lr %.2e%s",
-                step,
-                tc.steps,
-                last_loss,
-                lr,
-                " (checkpoint)" if save else "",
-            )
+        common.record_step(history, metrics, tc.steps, save, log, rank)
+        writer = None  # rank 0 writes the (unsharded) state; the other ranks report their losses only
         if save and rank == 0:
-            with tempfile.TemporaryDirectory() as directory:
-                save_train_checkpoint(directory, objective, optimizer, step, last_loss)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-        else:
-            ray.train.report(metrics)
+            writer = partial(
+                save_train_checkpoint, objective=objective, optimizer=optimizer, step=step, loss=last_loss
+            )
+        common.report_step(metrics, writer)
         window.update(sum=torch.zeros((), device=device), count=0, started=time.monotonic())
 
     step = train_steps(

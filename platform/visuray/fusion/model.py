@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from visuray.config import ConfigError, validate_config, yaml_load
 from visuray.fusion.config import FusionModelConfig
 from visuray.storage import WEIGHTS_NAME, Artifact, StorageOptions
 
@@ -104,13 +103,9 @@ def resolve_fusion_model(uri: str, options: StorageOptions | None = None) -> Art
 
 
 def read_fusion_config(artifact: Artifact) -> FusionModelConfig:
-    from visuray.checkpoint import CheckpointError
+    from visuray.checkpoint import read_config
 
-    data = yaml_load(artifact.read(MODEL_CONFIG_NAME).decode())
-    try:
-        return validate_config(FusionModelConfig, data or {}, f"{artifact.uri}/{MODEL_CONFIG_NAME}")
-    except ConfigError as exc:
-        raise CheckpointError(str(exc)) from None
+    return read_config(artifact, FusionModelConfig, MODEL_CONFIG_NAME)
 
 
 def read_tokenizer(artifact: Artifact, max_length: int) -> TextTokenizer:

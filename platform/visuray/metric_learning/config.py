@@ -11,7 +11,6 @@ from pydantic import Field
 
 from visuray.config import StrictModel
 from visuray.models.config import EmbeddingModelConfig
-from visuray.storage import StorageOptions
 from visuray.train import common
 from visuray.train.deepspeed_engine import DeepSpeedSection
 from visuray.train.validation import ValidationSection
@@ -147,20 +146,12 @@ class FinetuneDeepSpeedSection(DeepSpeedSection):
     )
 
 
-class FinetuneConfig(StrictModel):
-    """The ``finetune`` job: catalog in, model artifact out."""
+class FinetuneConfig(common.TrainingJobConfig):
+    """The ``finetune`` job: a catalog with labels in, model artifact out."""
 
     job: Literal["finetune"] = "finetune"
     name: str = common.run_name_field("finetune")
-    storage: StorageOptions = Field(default_factory=StorageOptions)
-    catalog: str = Field(..., description="URI of a published catalog with labels (see the ingest job)")
-    output: str = Field(..., description="URI of the model artifact to publish a new version into")
-    run_dir: str = common.run_dir_field()
-    init_from: str | None = Field(
-        None,
-        description="model artifact whose backbone initialises this one (e.g. a DINO-continued model); "
-        "the same as model.backbone.weights=<artifact>, and replaces it when set",
-    )
+    init_from: str | None = common.init_from_field()
     model: EmbeddingModelConfig = Field(default_factory=EmbeddingModelConfig)
     train: TrainSection = Field(default_factory=TrainSection)
     loss: LossSection = Field(default_factory=LossSection)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from visuray.metric_learning.config import FinetuneConfig
 from visuray.metric_learning.loop import train_loop_per_worker
+from visuray.train import common
 from visuray.train.common import load_train_checkpoint
 from visuray.train.validation import validation_metric_names
 
@@ -91,16 +92,7 @@ def run_finetune(cfg: FinetuneConfig, callbacks: Sequence[Any] = ()) -> dict[str
         options=cfg.storage,
     )
     log.info("published model %s (version %s)", artifact.uri, artifact.manifest.version)
-    return {
-        "output": artifact.uri,
-        "model_version": artifact.manifest.version,
-        "steps": state.step,
-        "start_step": summary.get("start_step"),
-        "final_loss": final_loss,
-        "history": summary.get("history", []),
-        "run_path": result.path,
-        "checkpoint": result.checkpoint.path,
-    }
+    return common.run_summary(artifact, result, summary, state.step, final_loss)
 
 
 def reported_metrics(cfg: FinetuneConfig) -> set[str]:

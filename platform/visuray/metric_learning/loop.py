@@ -12,23 +12,36 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import ray.train
+import ray.train.torch
+import torch
+from torch.utils.data import DataLoader
+
+from visuray.catalog.torch_dataset import CatalogTorchDataset
 from visuray.metric_learning.config import FinetuneConfig, LossSection
 from visuray.metric_learning.data import build_sampler, endless_batches, train_transform, training_labels
+from visuray.models.embedding import build_embedding_model
+from visuray.models.weights import prepare_for_training, starting_point
 from visuray.train import common
 from visuray.train.common import CKPT_STATE, CKPT_WEIGHTS, mean_across_ranks
+from visuray.train.deepspeed_engine import (
+    build_engine,
+    engine_dtype,
+    engine_param_groups,
+    resolve_deepspeed_config,
+    wants_bf16,
+)
 from visuray.train.schedules import lr_schedule
+from visuray.train.validation import ValidationSet
 
 if TYPE_CHECKING:
-    import ray.train
-    import torch
     from torch import nn
-
 
 log = logging.getLogger(__name__)
 
@@ -175,23 +188,6 @@ def restore_finetune_checkpoint(
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """One Ray Train worker; returns (from rank 0, kept as ``Result.return_value``) the run's summary."""
-    import ray.train
-    import ray.train.torch
-    import torch
-    from torch.utils.data import DataLoader
-
-    from visuray.catalog.torch_dataset import CatalogTorchDataset
-    from visuray.models.embedding import build_embedding_model
-    from visuray.models.weights import prepare_for_training, starting_point
-    from visuray.train.deepspeed_engine import (
-        build_engine,
-        engine_dtype,
-        engine_param_groups,
-        resolve_deepspeed_config,
-        wants_bf16,
-    )
-    from visuray.train.validation import ValidationSet
-
     cfg = FinetuneConfig.model_validate(config["job"])
     tc = cfg.train
     context = ray.train.get_context()
@@ -265,13 +261,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         loss_sum += loss.detach()
         loss_count += 1
 
-        save = step % tc.checkpoint_every == 0 or step == tc.steps
-        validate = validation is not None and (step % cfg.validation.every == 0 or step == tc.steps)
+        save = common.is_due(step, tc.checkpoint_every, tc.steps)
+        validate = validation is not None and common.is_due(step, cfg.validation.every, tc.steps)
         if not (save or validate or step % tc.log_every == 0):
             continue
         # Every rank reaches this point at the same steps: report() (and saving) are collective.
-        last_loss = mean_across_ranks(loss_sum / loss_count)
-        elapsed = time.monotonic() - started
+        last_loss, elapsed = mean_across_ranks(loss_sum / loss_count), time.monotonic() - started
         metrics = {
             "step": step,
             "start_step": start_step,
@@ -288,18 +283,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             )
             engine.train()
             metrics |= val or {}
-        history.append(common.history_entry(metrics))
-        if rank == 0:
-            log.info(
-                "step %d/%d loss %.4f lr %.2e %.1f img/s%s%s",
-                step,
-                tc.steps,
-                last_loss,
-                lr,
-                metrics["train/images_per_s"],
-                common.validation_text(metrics),
-                " (checkpoint)" if save else "",
-            )
+        common.record_step(history, metrics, tc.steps, save, log, rank)
         if save:
             saved = {
                 "step": step,
@@ -307,11 +291,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 "world_size": world_size,
                 "zero_stage": cfg.deepspeed.zero_stage,
             }
-            with tempfile.TemporaryDirectory() as directory:
-                save_finetune_checkpoint(directory, engine, saved, rank)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+            common.report_step(
+                metrics, partial(save_finetune_checkpoint, engine=engine, state=saved, rank=rank)
+            )
         else:
-            ray.train.report(metrics)
+            common.report_step(metrics)
         loss_sum, loss_count, started = torch.zeros((), device=device), 0, time.monotonic()
 
     return {"start_step": start_step, "steps": step, "final_loss": last_loss, "history": history}

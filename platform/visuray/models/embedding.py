@@ -21,14 +21,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from visuray.checkpoint import (
-    MODEL_CONFIG_NAME,
-    CheckpointError,
     load_state_dict_strict,
     publish_weights,
+    read_config,
     resolve_kind,
     tensors_from_bytes,
 )
-from visuray.config import ConfigError, validate_config, yaml_load
 from visuray.images import InputSpec
 from visuray.models.backbone import create_backbone
 from visuray.models.config import BackboneConfig, EmbeddingModelConfig, input_metadata
@@ -141,11 +139,7 @@ def resolve_model(uri: str, options: StorageOptions | None = None) -> Artifact:
 
 
 def read_model_config(artifact: Artifact) -> EmbeddingModelConfig:
-    data = yaml_load(artifact.read(MODEL_CONFIG_NAME).decode())
-    try:
-        return validate_config(EmbeddingModelConfig, data or {}, f"{artifact.uri}/{MODEL_CONFIG_NAME}")
-    except ConfigError as exc:
-        raise CheckpointError(str(exc)) from None
+    return read_config(artifact, EmbeddingModelConfig)
 
 
 def load_embedding_model(

@@ -11,7 +11,6 @@ from pydantic import Field, model_validator
 
 from visuray.config import StrictModel
 from visuray.models.config import BackboneConfig
-from visuray.storage import StorageOptions
 from visuray.train import common
 from visuray.train.deepspeed_engine import DeepSpeedSection
 from visuray.train.validation import ValidationSection
@@ -165,14 +164,11 @@ class PretrainExportSection(StrictModel):
     )
 
 
-class PretrainConfig(StrictModel):
-    """The ``pretrain`` job: catalog (labels unused) in, model artifact (teacher backbone) out."""
+class PretrainConfig(common.TrainingJobConfig):
+    """The ``pretrain`` job: a catalog (only its images are read) in, model artifact (teacher backbone) out."""
 
     job: Literal["pretrain"] = "pretrain"
     name: str = common.run_name_field("pretrain")
-    storage: StorageOptions = Field(default_factory=StorageOptions)
-    catalog: str = Field(..., description="URI of a published catalog (only its images are read)")
-    output: str = Field(..., description="URI of the model artifact to publish a new version into")
     run_dir: str = common.run_dir_field("./runs/pretrain")
     model: SSLModelSection = Field(default_factory=SSLModelSection)
     crops: CropsSection = Field(default_factory=CropsSection)

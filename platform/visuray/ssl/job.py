@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from visuray.ssl.config import PretrainConfig
 from visuray.ssl.loop import load_teacher_tensors, read_checkpoint_state, train_loop_per_worker
 from visuray.storage import absolute_uri, is_remote
+from visuray.train import common
 from visuray.train.validation import validation_metric_names
 
 if TYPE_CHECKING:
@@ -143,17 +144,9 @@ def run_pretrain(cfg: PretrainConfig, callbacks: Sequence[Any] = ()) -> dict[str
         },
     )
     log.info("published model %s (version %s)", artifact.uri, artifact.manifest.version)
-    return {
-        "output": artifact.uri,
-        "model_version": artifact.manifest.version,
-        "steps": state["step"],
-        "start_step": summary.get("start_step"),
-        "final_loss": state.get("loss"),
-        "history": summary.get("history", []),
-        "run_path": result.path,
-        "checkpoint": result.checkpoint.path,
-        "tensorboard_dir": tensorboard_dir(cfg),
-    }
+    return common.run_summary(
+        artifact, result, summary, state["step"], state.get("loss"), tensorboard_dir=tensorboard_dir(cfg)
+    )
 
 
 def reported_metrics(cfg: PretrainConfig) -> set[str]:

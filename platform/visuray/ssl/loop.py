@@ -15,23 +15,42 @@ one would; the schedules continue from the step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from visuray.images import decode_image
+from visuray.models.backbone import hold_batchnorm_statistics
 from visuray.models.config import BackboneConfig
+from visuray.models.weights import load_pretrained
 from visuray.ssl.config import PretrainConfig, PretrainTrainSection, SSLModelSection
+from visuray.ssl.dino import DINOLoss, update_teacher
+from visuray.ssl.multicrop import MultiCropAugmentation
 from visuray.train import common
+from visuray.train.common import mean_across_ranks
+from visuray.train.deepspeed_engine import (
+    build_engine,
+    engine_dtype,
+    engine_param_groups,
+    full_fp32_param,
+    resolve_deepspeed_config,
+    wants_bf16,
+)
+from visuray.train.scalars import ScalarLog
+from visuray.train.validation import ValidationSet
 
 if TYPE_CHECKING:
-    import ray.train
-    import torch
     from torch import nn
-
 
 log = logging.getLogger(__name__)
 
@@ -238,30 +257,6 @@ def restore_pretrain_checkpoint(
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """One Ray Train worker; returns (from rank 0, kept as ``Result.return_value``) the run's summary."""
-    import contextlib
-
-    import ray
-    import ray.train
-    import ray.train.torch
-    import torch
-
-    from visuray.images import decode_image
-    from visuray.models.backbone import hold_batchnorm_statistics
-    from visuray.models.weights import load_pretrained
-    from visuray.ssl.dino import DINOLoss, update_teacher
-    from visuray.ssl.multicrop import MultiCropAugmentation
-    from visuray.train.common import mean_across_ranks
-    from visuray.train.deepspeed_engine import (
-        build_engine,
-        engine_dtype,
-        engine_param_groups,
-        full_fp32_param,
-        resolve_deepspeed_config,
-        wants_bf16,
-    )
-    from visuray.train.scalars import ScalarLog
-    from visuray.train.validation import ValidationSet
-
     cfg = PretrainConfig.model_validate(config["job"])
     tc, mc = cfg.train, cfg.model
     context = ray.train.get_context()
@@ -382,13 +377,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 },
             )
 
-        save = step % tc.checkpoint_every == 0 or step == tc.steps
-        validate = validation is not None and (step % cfg.validation.every == 0 or step == tc.steps)
+        save = common.is_due(step, tc.checkpoint_every, tc.steps)
+        validate = validation is not None and common.is_due(step, cfg.validation.every, tc.steps)
         if not (save or validate or step % tc.log_every == 0):
             continue
         # Every rank reaches this point at the same steps: report() (and saving) are collective.
-        last_loss = mean_across_ranks(loss_sum / loss_count)
-        elapsed = time.monotonic() - started
+        last_loss, elapsed = mean_across_ranks(loss_sum / loss_count), time.monotonic() - started
         metrics = {
             "step": step,
             "start_step": start_step,
@@ -422,11 +416,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 "world_size": world_size,
                 "zero_stage": cfg.deepspeed.zero_stage,
             }
-            with tempfile.TemporaryDirectory() as directory:
-                save_pretrain_checkpoint(directory, engine, teacher, loss_fn.center, saved, rank)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+            common.report_step(
+                metrics,
+                partial(
+                    save_pretrain_checkpoint,
+                    engine=engine,
+                    teacher=teacher,
+                    center=loss_fn.center,
+                    state=saved,
+                    rank=rank,
+                ),
+            )
         else:
-            ray.train.report(metrics)
+            common.report_step(metrics)
         loss_sum, loss_count, started = torch.zeros((), device=device), 0, time.monotonic()
 
     scalars.close()

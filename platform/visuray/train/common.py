@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Self
 from pydantic import Field, model_validator
 
 from visuray.config import StrictModel
+from visuray.storage import StorageOptions
 
 if TYPE_CHECKING:
     import ray.train
@@ -82,9 +85,30 @@ def freeze_blocks_field(default: int = 0) -> Any:
     )
 
 
+def init_from_field(what: str = "this one") -> Any:
+    """A job's ``init_from``: a Visuray model artifact whose backbone starts ``what``."""
+    return Field(
+        None,
+        description=f"model artifact whose backbone initialises {what} (e.g. a DINO-continued model); the "
+        "same as model.backbone.weights=<artifact>, and replaces it when set",
+    )
+
+
 def log_every_field(default: int = 10) -> Any:
     """``train.log_every``."""
     return Field(default, ge=1, description="steps between a log line and a ray.train.report of metrics")
+
+
+class TrainingJobConfig(StrictModel):
+    """What every training job's spec starts with: the job, the run's name, storage, the catalog it reads,
+    the artifact it publishes and where its run (checkpoints) lives. Each job's config derives from it."""
+
+    job: str
+    name: str = run_name_field("train")
+    storage: StorageOptions = Field(default_factory=StorageOptions)
+    catalog: str = Field(..., description="URI of a published catalog (see the ingest job)")
+    output: str = Field(..., description="URI of the artifact to publish a new version into")
+    run_dir: str = run_dir_field()
 
 
 class TrainLoopSection(StrictModel):
@@ -124,6 +148,63 @@ def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, 
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def is_due(step: int, every: int, total: int) -> bool:
+    """Whether something done every ``every`` steps (and always at the last) happens at ``step``."""
+    return step % every == 0 or step == total
+
+
+def report_step(metrics: dict[str, Any], write_checkpoint: Callable[[str], None] | None = None) -> None:
+    """``ray.train.report`` of one step's ``metrics``; with a checkpoint when ``write_checkpoint`` is given
+    (it fills a temporary folder, which Ray Train then persists to the run's storage)."""
+    import ray.train
+
+    if write_checkpoint is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        write_checkpoint(directory)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def record_step(
+    history: list[dict[str, Any]],
+    metrics: dict[str, Any],
+    total_steps: int,
+    saved: bool,
+    logger: Any,
+    rank: int,
+) -> None:
+    """Keep one report in the run's history and, on rank 0, log it as one line: the step, the loss, and
+    what of the learning rate, throughput and ``val/*`` metrics the report carries."""
+    history.append(history_entry(metrics))
+    if rank != 0:
+        return
+    line = f"step {metrics['step']}/{total_steps} loss {metrics['train/loss']:.4f}"
+    if "train/lr" in metrics:
+        line += f" lr {metrics['train/lr']:.2e}"
+    if "train/images_per_s" in metrics:
+        line += f" {metrics['train/images_per_s']:.1f} img/s"
+    logger.info("%s%s%s", line, validation_text(metrics), " (checkpoint)" if saved else "")
+
+
+def run_summary(
+    artifact: Any, result: Any, summary: dict[str, Any], steps: int, final_loss: float | None, **extra: Any
+) -> dict[str, Any]:
+    """What a training job returns (and ``visuray run`` prints): the artifact it published, the steps, the
+    loss, rank 0's history of reports, where the run and its last checkpoint are, and ``extra``."""
+    return {
+        "output": artifact.uri,
+        "model_version": artifact.manifest.version,
+        "steps": steps,
+        "start_step": summary.get("start_step"),
+        "final_loss": final_loss,
+        "history": summary.get("history", []),
+        "run_path": result.path,
+        "checkpoint": result.checkpoint.path,
+        **extra,
+    }
 
 
 def history_entry(metrics: dict[str, Any]) -> dict[str, Any]:
