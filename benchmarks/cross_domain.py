@@ -24,13 +24,22 @@ Protocol
 
   Catalog photos of any other article type stay in the gallery as distractors (they match no query).
 - Metrics: Recall@1/5/10 and MAP@R with a query/gallery split (R = the number of gallery photos whose
-  mapped class is the query's), chunked FAISS.
-- Rows: raw pixels, random init, SSL only (``--ssl-model``), and trained on the catalog (every article
-  type with at least ``--min-class`` photos, ``--per-class`` each) with the same budget (ViT-tiny,
-  ``--depth`` blocks, ``--img-size`` px, P x K = 8 x 4, ``--steps`` steps): triplet (batch-all) and the
-  adaptive triplet loss (title clusters, batch-all). Training as in ``finetune_quality.py``.
+  mapped class is the query's), chunked FAISS (:func:`visuray.evaluation.retrieval.retrieval_metrics`);
+  per query hit@1 and AP@R (``finetune_quality.per_query_metrics``, means checked against it) for each
+  trained row's margin over every other row with a paired 95% interval (bootstrap over the street
+  queries, one resample set for both rows, seed fixed).
+- Backbones, rows and budget as in ``finetune_quality.py`` (``--backbone lite0`` by default: the bundled
+  ImageNet EfficientNet-Lite0 at ``--img-size`` 160, ``--freeze-blocks`` 3; ``--backbone vit-tiny``: the
+  earlier random-init ViT-tiny protocol): raw pixels, random init (same architecture, seed 0), pretrained
+  as is (pooled features), SSL only (``--ssl-model``), and trained on the catalog (the gallery photos:
+  every article type with at least ``--min-class`` photos or a mapped one, ``--per-class`` each) with the
+  same budget for every trained row (``--rows``; default: multi-similarity, the finetune job's default
+  objective). No street photo is trained on; the settings are those chosen on fashion-products'
+  training classes (``finetune_quality.py --validate``: lr 3e-5, 1280-d orthonormal start, 400 photos per type), not on
+  street photos.
 
-Run:  python benchmarks/cross_domain.py /work/shared/data/fashion-products /work/shared/data/clothing-small
+Run:  python benchmarks/cross_domain.py /work/shared/data/fashion-products /work/shared/data/clothing-small \
+          --lr 3e-5 --embedding-dim 1280 --projection-init orthonormal --per-class 400
 """
 
 from __future__ import annotations
@@ -38,18 +47,31 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from finetune_quality import (
+    N_BOOT,
+    TRAINED_ROWS,
     baseline_embedders,
     capped_rows,
+    describe_budget,
     embed,
     ingest_fashion_products,
+    load_note,
+    margins_markdown,
+    margins_over,
+    markdown_table,
     model_config,
-    print_table,
+    protocol_arguments,
+    run_stem,
+    score,
     train_in_process,
+    trained_row_name,
     training_subset,
+    with_backbone_defaults,
 )
 
 CLASS_MAP = {
@@ -63,10 +85,6 @@ CLASS_MAP = {
     "shorts": ["Shorts"],
     "skirt": ["Skirts"],
     "t-shirt": ["Tshirts"],
-}
-TRAINED_ROWS = {
-    "triplet batch-all": {"name": "triplet", "miner": "batch_all"},
-    "ATL (title clusters)": {"name": "adaptive_triplet", "miner": "batch_all", "margin": 0.1},
 }
 
 
@@ -92,22 +110,14 @@ def main() -> None:
     parser.add_argument("street_data", help="the clothing-small folder (train/validation/test class folders)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--work", default="runs/bench")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--img-size", type=int, default=64)
-    parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--min-class", type=int, default=20)
     parser.add_argument("--per-class", type=int, default=40, help="catalog photos per article type")
-    parser.add_argument("--ssl-model", default=None)
-    parser.add_argument("--init-from-ssl", action="store_true")
-    parser.add_argument("--rows", nargs="*", default=list(TRAINED_ROWS))
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    protocol_arguments(parser)
+    args = with_backbone_defaults(parser.parse_args())
 
     import torch
 
     from visuray.catalog.readers import CatalogRows
-    from visuray.evaluation.retrieval import retrieval_metrics
 
     torch.set_num_threads(args.threads)
     started = time.monotonic()
@@ -116,19 +126,29 @@ def main() -> None:
     catalog = ingest_fashion_products(args.catalog_data, work)
     rows = CatalogRows(catalog)
     counts = np.bincount([label for label in rows.labels if label >= 0], minlength=len(rows.label_names))
-    classes = [c for c in range(len(counts)) if counts[c] >= args.min_class or gallery_label(rows.label_names[c])
-               in CLASS_MAP]  # fmt: skip
+    classes = [
+        c
+        for c in range(len(counts))
+        if counts[c] >= args.min_class or gallery_label(rows.label_names[c]) in CLASS_MAP
+    ]
     gallery_rows = capped_rows(rows.labels, classes, args.per_class)
     gallery_images = [rows.image_bytes(i) for i in gallery_rows]
     gallery_labels = [gallery_label(rows.label_names[rows.labels[i]]) for i in gallery_rows]
     query_images, query_labels = street_queries(Path(args.street_data), args.split)
-    print(f"{len(query_images)} street queries against {len(gallery_images)} catalog photos "
-          f"({sum(not g.startswith('other:') for g in gallery_labels)} in mapped classes)")  # fmt: skip
-    model_cfg = model_config(args.img_size, args.depth)
+    mapped = sum(not g.startswith("other:") for g in gallery_labels)
+    print(
+        f"{len(query_images)} street queries ({args.split}) against {len(gallery_images)} catalog photos "
+        f"({mapped} in mapped classes); {load_note()}"
+    )
+    model_cfg = model_config(args)
+    budget = describe_budget(args, model_cfg)
+    print(budget, flush=True)
+    per_query: dict[str, dict[str, np.ndarray]] = {}
 
-    def score(name: str, embedder) -> dict:  # noqa: ANN001
-        m = retrieval_metrics(embedder(query_images), query_labels, embedder(gallery_images), gallery_labels,
-                              ks=(1, 5, 10))  # fmt: skip
+    def evaluate(name: str, embedder: Callable[[list[bytes]], np.ndarray]) -> dict[str, Any]:
+        m, per_query[name] = score(
+            embedder(query_images), query_labels, embedder(gallery_images), gallery_labels, (1, 5, 10), name
+        )
         row = {
             "embedding": name,
             **{k: round(m[k], 4) for k in ("recall@1", "recall@5", "recall@10", "map@r")},
@@ -136,16 +156,30 @@ def main() -> None:
         print(row, flush=True)
         return row
 
-    results = [score(name, embedder) for name, embedder in baseline_embedders(model_cfg, args).items()]
+    results = [evaluate(name, embedder) for name, embedder in baseline_embedders(model_cfg, args).items()]
     subset = training_subset(rows, gallery_rows)
-    for name in args.rows:
-        model = train_in_process(catalog, rows, subset, model_cfg, TRAINED_ROWS[name], args)
-        results.append(score(name, lambda images, m=model: embed(m, images, args.img_size)))
+    trained = []
+    for key in args.rows:
+        name = trained_row_name(key, model_cfg, args)
+        model, cost = train_in_process(catalog, subset, model_cfg, TRAINED_ROWS[key], args)
+        results.append(evaluate(name, lambda images, m=model: embed(m, images)) | cost)
+        trained.append(name)
+        print(results[-1], flush=True)
 
-    print_table(f"street -> catalog, {args.steps} steps, {args.img_size} px, depth {args.depth}", results,
-                ["recall@1", "recall@5", "recall@10", "map@r"])  # fmt: skip
-    print(f"\ntotal wall time {time.monotonic() - started:.0f} s")
-    (work / "cross_domain.json").write_text(json.dumps({"args": vars(args), "rows": results}, indent=1))
+    margins = margins_over(per_query, trained, f"street {args.split}")
+    print(f"\nstreet ({args.split}) -> catalog; {budget}\n")
+    print(markdown_table(results, ["recall@1", "recall@5", "recall@10", "map@r", "train_s"]))
+    print(f"\nmargins, paired bootstrap over queries ({N_BOOT} resamples)\n")
+    print(margins_markdown(margins))
+    print(f"\ntotal wall time {time.monotonic() - started:.0f} s; {load_note()}")
+    stem = run_stem(f"cross_domain_{args.split}", args)
+    (work / f"{stem}.json").write_text(
+        json.dumps({"args": vars(args), "budget": budget, "rows": results, "margins": margins}, indent=1)
+    )
+    np.savez(
+        work / f"{stem}_per_query.npz",
+        **{f"{name} {key}": v for name, d in per_query.items() for key, v in d.items()},
+    )
 
 
 if __name__ == "__main__":

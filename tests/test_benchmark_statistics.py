@@ -6,6 +6,7 @@ The benchmarks are scripts, not a package: they are loaded from their files.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -19,6 +20,7 @@ def load_benchmark(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there while the class is built
     spec.loader.exec_module(module)
     return module
 
@@ -81,3 +83,86 @@ def test_a_bootstrap_over_queries_of_one_cluster_each_is_the_plain_bootstrap() -
         lo, hi = row["R@10"]["ci95"]
         widths.append(hi - lo)
     assert 0.35 < widths[1] / widths[0] < 0.65
+
+
+def reference_per_query(
+    sim: np.ndarray, query_labels: list[int], gallery_labels: list[int], leave_one_out: bool
+) -> tuple[list[float], list[float]]:
+    """One query at a time: rank the gallery by score (ties by position), skip the query itself in
+    leave-one-out, then hit@1 and AP@R = 1/R * sum over the top R of precision@i where item i is relevant."""
+    hits, aps = [], []
+    for q, label in enumerate(query_labels):
+        ranked = sorted(range(len(gallery_labels)), key=lambda g: (-sim[q, g], g))
+        ranked = [g for g in ranked if not (leave_one_out and g == q)]
+        relevant = [gallery_labels[g] == label for g in ranked]
+        r = sum(relevant)
+        hits.append(float(relevant[0]))
+        if r == 0:
+            aps.append(float("nan"))
+            continue
+        found, total = 0, 0.0
+        for i in range(r):
+            if relevant[i]:
+                found += 1
+                total += found / (i + 1)
+        aps.append(total / r)
+    return hits, aps
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("leave_one_out", [True, False])
+def test_per_query_retrieval_metrics_equal_a_query_by_query_loop(leave_one_out: bool) -> None:
+    fq = load_benchmark("finetune_quality")
+    rng = np.random.default_rng(5)
+    # Few distinct vectors (rounded) so that ties occur, and a label no gallery item has (no R).
+    query = np.round(rng.normal(size=(30, 4)), 0).astype(np.float32)
+    query_labels = [int(x) for x in rng.integers(0, 4, 30)]
+    if leave_one_out:
+        query_labels[0] = 9  # alone: no relevant item once it is left out
+        gallery, gallery_labels = None, None
+        sim, ref_gallery_labels = query @ query.T, query_labels
+    else:
+        gallery = np.round(rng.normal(size=(25, 4)), 0).astype(np.float32)
+        gallery_labels = [int(x) for x in rng.integers(0, 3, 25)]
+        query_labels[0] = 7
+        sim, ref_gallery_labels = query @ gallery.T, gallery_labels
+    got = fq.per_query_metrics(query, query_labels, gallery, gallery_labels)
+    hits, aps = reference_per_query(sim, query_labels, ref_gallery_labels, leave_one_out)
+    np.testing.assert_array_equal(got["hit@1"], hits)
+    np.testing.assert_allclose(got["ap@r"], aps, equal_nan=True)
+    assert np.isnan(got["ap@r"][0]) and np.isfinite(got["ap@r"]).sum() > 15
+    assert len(np.unique(sim)) < sim.size / 3  # the example does have ties
+
+
+@pytest.mark.unit
+def test_per_query_means_equal_retrieval_metrics_without_ties() -> None:
+    from visuray.evaluation.retrieval import retrieval_metrics
+
+    fq = load_benchmark("finetune_quality")
+    rng = np.random.default_rng(2)
+    vectors = rng.normal(size=(200, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    labels = [int(x) for x in rng.integers(0, 6, 200)]
+    for gallery, gallery_labels in [(None, None), (vectors[:120], labels[:120])]:
+        query, query_labels = (vectors, labels) if gallery is None else (vectors[120:], labels[120:])
+        library = retrieval_metrics(query, query_labels, gallery, gallery_labels, ks=(1,))
+        per_query = fq.per_query_metrics(query, query_labels, gallery, gallery_labels)
+        assert fq.check_against_library(per_query, library, "test") < 1e-9
+
+
+@pytest.mark.unit
+def test_paired_margin_is_a_bootstrap_over_queries_with_one_resample_for_both_rows() -> None:
+    fq = load_benchmark("finetune_quality")
+    rng = np.random.default_rng(4)
+    a, b = rng.random(60), rng.random(60) - 0.1
+    b[3] = np.nan  # an undefined query (no R) is left out of both rows
+    counts = fq.bootstrap_counts(60, n_boot=500, seed=11)
+    got = fq.paired_margin(a, b, counts)
+    valid = ~np.isnan(b)
+    assert got["margin"] == pytest.approx(np.mean(a[valid] - b[valid]))
+    draws = np.random.default_rng(11)
+    boot = []
+    for _ in range(500):
+        drawn = [int(i) for i in draws.integers(0, 60, 60) if valid[i]]
+        boot.append(np.mean(a[drawn]) - np.mean(b[drawn]))
+    assert got["ci95"] == pytest.approx(list(np.percentile(boot, [2.5, 97.5])))

@@ -45,6 +45,40 @@ def test_features_follow_timms_contract() -> None:
     assert expected.shape == (2, backbone.num_features)
 
 
+def test_orthonormal_projection_starts_from_the_features_ranking() -> None:
+    """projection_init orthonormal: at full width the embedding's inner products are the pooled
+    features' cosines (training starts from the pretrained ranking); below it the rows are orthonormal
+    and seeded; a random start keeps neither, and an mlp cannot start orthonormal."""
+    images = torch.randn(5, 3, 32, 32)
+    width = int(create_backbone(VIT).num_features)
+    torch.manual_seed(3)
+    full = build_embedding_model(
+        EmbeddingModelConfig(backbone=VIT, embedding_dim=width, projection_init="orthonormal")
+    ).eval()
+    with torch.no_grad():
+        features = torch.nn.functional.normalize(full.features(images), dim=-1)
+        out = full(images)
+    torch.testing.assert_close(out @ out.T, features @ features.T)
+
+    def narrow(init: str, seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        cfg = EmbeddingModelConfig(backbone=VIT, embedding_dim=8, projection_init=init)
+        return build_embedding_model(cfg).projection.weight.detach()
+
+    weight = narrow("orthonormal", 3)
+    torch.testing.assert_close(weight @ weight.T, torch.eye(8))
+    torch.testing.assert_close(narrow("orthonormal", 3), weight)  # seeded by torch.manual_seed
+    assert not torch.allclose(narrow("orthonormal", 4), weight)
+    random = narrow("random", 3)
+    assert not torch.allclose(random @ random.T, torch.eye(8), atol=0.1)
+    with pytest.raises(ValueError, match="needs projection 'linear'"):
+        build_embedding_model(
+            EmbeddingModelConfig(
+                backbone=VIT, embedding_dim=8, projection="mlp", projection_init="orthonormal"
+            )
+        )
+
+
 def test_vit_size_knobs_reach_the_architecture() -> None:
     vit = create_backbone(VIT)
     assert len(vit.blocks) == 2

@@ -112,6 +112,13 @@ class EmbeddingModelConfig(StrictModel):
         description="linear is the usual embedding layer for metric learning; mlp (Linear-GELU-Linear) "
         "gives the loss more room when the backbone is frozen or pretrained on another objective",
     )
+    projection_init: Literal["random", "orthonormal"] = Field(
+        "random",
+        description="linear projection only. random: PyTorch's default initialisation; orthonormal: "
+        "orthonormal rows (the identity when embedding_dim equals the backbone's width), so that at "
+        "step 0 inner products of embeddings are those of the pretrained features (exactly at full "
+        "width, approximately below it) and training starts from the pretrained ranking",
+    )
 
 
 def input_metadata(backbone: BackboneConfig) -> dict[str, Any]:

@@ -71,10 +71,32 @@ class EmbeddingModel(nn.Module):
 
 def build_embedding_model(cfg: EmbeddingModelConfig) -> EmbeddingModel:
     """The embedding model for ``cfg``, randomly initialised (load weights with visuray.checkpoint, or the
-    backbone's pretrained weights with :func:`visuray.models.weights.load_pretrained`)."""
-    return EmbeddingModel(
+    backbone's pretrained weights with :func:`visuray.models.weights.load_pretrained`); a linear
+    projection with ``projection_init: orthonormal`` starts orthonormal (seeded from torch's RNG)."""
+    model = EmbeddingModel(
         create_backbone(cfg.backbone), cfg.embedding_dim, cfg.projection, cfg.backbone.input_spec
     )
+    if cfg.projection_init == "orthonormal":
+        if not isinstance(model.projection, nn.Linear):
+            raise ValueError("projection_init 'orthonormal' needs projection 'linear'")
+        orthonormal_projection_(model.projection, torch.Generator().manual_seed(torch.initial_seed()))
+    return model
+
+
+def orthonormal_projection_(layer: nn.Linear, generator: torch.Generator) -> None:
+    """Set ``layer`` (width -> dim, dim <= width) to orthonormal rows and no bias, in place: the identity
+    when dim equals width, else a random ``generator``-drawn subspace, which keeps inner products of the
+    inputs approximately (Johnson-Lindenstrauss)."""
+    dim, width = layer.weight.shape
+    if dim > width:
+        raise ValueError(f"an orthonormal projection cannot widen: {width} features -> {dim}")
+    with torch.no_grad():
+        if dim == width:
+            layer.weight.copy_(torch.eye(width))
+        else:
+            gaussian = torch.randn(width, dim, generator=generator)
+            layer.weight.copy_(torch.linalg.qr(gaussian).Q.T)
+        layer.bias.zero_()
 
 
 def pooled_feature_model(
@@ -92,13 +114,7 @@ def pooled_feature_model(
         raise ValueError(f"projection_dim {dim} exceeds the backbone's {width} features")
     cfg = EmbeddingModelConfig(backbone=backbone, embedding_dim=dim, projection="linear")
     model = build_embedding_model(cfg)
-    with torch.no_grad():
-        if dim == width:
-            model.projection.weight.copy_(torch.eye(width))
-        else:
-            gaussian = torch.randn(width, dim, generator=torch.Generator().manual_seed(seed))
-            model.projection.weight.copy_(torch.linalg.qr(gaussian).Q.T)
-        model.projection.bias.zero_()
+    orthonormal_projection_(model.projection, torch.Generator().manual_seed(seed))
     return model, cfg
 
 
