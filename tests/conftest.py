@@ -6,6 +6,7 @@ and S3 is moto's HTTP server in a subprocess, reached through s3fs over HTTP lik
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -123,23 +124,31 @@ def ray_head() -> Iterator[object]:
     head.stop()
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A real S3 HTTP endpoint on loopback (moto's server mode) in its own process."""
+@contextlib.contextmanager
+def moto_server(log: Path, **env: str) -> Iterator[str]:
+    """moto's S3 server on a free loopback port, in its own process, with ``env`` added; yields its URL."""
     port = free_port()
-    log = tmp_path_factory.mktemp("s3") / "moto.log"
-    env = dict(os.environ)
-    env.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
     with open(log, "wb") as fh:
         proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
             stdout=fh,
             stderr=subprocess.STDOUT,
-            env=env,
+            env={**os.environ, **env},
         )
     try:
         _wait_for_port(port)
-        endpoint = f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A real S3 HTTP endpoint on loopback (moto's server mode) in its own process. Like moto by default, it
+    takes any credentials."""
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    with moto_server(log, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing") as endpoint:
         creds = {
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
@@ -154,9 +163,16 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_server_checking_credentials(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A second loopback S3 endpoint that authenticates every request (moto's IAM checks on from the first
+    request, and no user created): any access key is refused with 403, as a real store refuses a wrong one.
+    Yields its URL."""
+    log = tmp_path_factory.mktemp("s3-auth") / "moto.log"
+    with moto_server(log, INITIAL_NO_AUTH_ACTION_COUNT="0") as endpoint:
+        yield endpoint
 
 
 @pytest.fixture()

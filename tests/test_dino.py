@@ -3,6 +3,7 @@ last-layer freezing, the EMA update, and the student/teacher forward for a ViT a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pickle
 
@@ -17,7 +18,13 @@ from visuray.jobspec import load_job_spec
 from visuray.ssl.config import PretrainConfig
 from visuray.ssl.dino import DINOLoss, batch_center, dino_loss, update_teacher
 from visuray.ssl.heads import build_dino_head, is_last_layer_parameter
-from visuray.ssl.loop import build_dino_model, build_teacher, dino_param_groups, set_step_hyperparameters
+from visuray.ssl.loop import (
+    build_dino_model,
+    build_teacher,
+    dino_param_groups,
+    dino_step,
+    set_step_hyperparameters,
+)
 from visuray.ssl.multicrop import MultiCropAugmentation
 from visuray.train.deepspeed_engine import load_deepspeed_config, resolve_deepspeed_config
 from visuray.train.schedules import cosine_schedule, teacher_temperature_schedule
@@ -261,3 +268,46 @@ def test_deepspeed_json_for_another_stage_is_refused(tmp_path):
     path.write_text('{"zero_optimization": {"stage": 2}}')
     with pytest.raises(ConfigError, match="stage 2"):
         load_deepspeed_config(3, str(path))
+
+
+class PlainEngine:
+    """What :func:`dino_step` asks of a DeepSpeed engine, for a plain module and optimizer in one process."""
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.module, self.optimizer = module, optimizer
+
+    def __call__(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        return self.module(crops)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+
+def squared_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return sum(float((a[name] - b[name]).pow(2).sum()) for name in a)
+
+
+def test_dino_steps_on_a_fixed_batch_lower_the_loss_and_pull_the_teacher_towards_the_student():
+    """The loop's own step: a student that does not learn, or a teacher that is not updated, fails."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    student = build_dino_model(cfg.model)
+    teacher = build_teacher(student, cfg.model)
+    start = {name: p.detach().clone() for name, p in student.named_parameters()}
+    engine = PlainEngine(student, torch.optim.AdamW(dino_param_groups(student, 0.0), lr=1e-3))
+    loss_fn = DINOLoss(cfg.model.out_dim, num_crops=4)
+    crops = [torch.randn(4, 3, 32, 32) for _ in range(2)] + [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    losses = [
+        float(dino_step(engine, teacher, loss_fn, crops, 0.04, 0.9, contextlib.nullcontext(), step))
+        for step in range(10)
+    ]
+    assert losses[-1] < 0.5 * losses[0], losses  # the student learns to match the teacher on this batch
+    student_now = {name: p.detach() for name, p in student.named_parameters()}
+    teacher_now = {name: p.detach() for name, p in teacher.named_parameters()}
+    assert squared_distance(teacher_now, start) > 1e-3  # the teacher moved...
+    # ...towards the student, lagging it (an EMA, not a copy)
+    assert 1e-3 < squared_distance(teacher_now, student_now) < squared_distance(start, student_now)

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.requirements_in_ci import require
 from visuray import infra
 from visuray.cluster import SERVE_ENV_DEFAULTS
 from visuray.config import read_yaml
@@ -31,8 +32,7 @@ DOCKERFILES = {"cpu": REPO / "infra/docker/Dockerfile.cpu", "gpu": REPO / "infra
 
 @pytest.fixture(scope="module")
 def crd_schemas() -> dict[str, dict[str, Any]]:
-    if not SCHEMAS.is_dir():
-        pytest.skip(f"KubeRay CRD schemas not found at {SCHEMAS}")
+    require(SCHEMAS.is_dir(), f"KubeRay CRD schemas not found at {SCHEMAS}")
     return {kind: infra.crd_schema(SCHEMAS / name) for kind, name in infra.CRD_FILES.items()}
 
 

@@ -11,6 +11,7 @@ from visuray.storage import (
     LATEST_NAME,
     ArtifactError,
     ArtifactWriter,
+    StorageAccessError,
     StorageOptions,
     get_filesystem,
     join,
@@ -158,8 +159,21 @@ def test_s3_corruption_detected(s3_bucket):
 
 
 @pytest.mark.s3
-def test_s3_wrong_credentials_fail_clearly(s3_bucket, s3_server):
-    # moto accepts any key by default, so check a real failure mode instead: an unreachable endpoint
-    options = StorageOptions(endpoint_url="http://127.0.0.1:9", key="k", secret="s")
-    with pytest.raises(Exception):  # noqa: B017 - botocore's connection error type varies by version
-        resolve_artifact(f"{s3_bucket}/nothing-here", options)
+def test_s3_wrong_credentials_fail_clearly(s3_bucket, s3_server_checking_credentials):
+    """A store that refuses the key, and one that cannot be reached: each a one-line error naming the
+    artifact and what to check."""
+    root = f"{s3_bucket}/nothing-here"
+    refusing = StorageOptions(endpoint_url=s3_server_checking_credentials, key="nobody", secret="wrong")
+    with pytest.raises(StorageAccessError) as info:
+        resolve_artifact(root, refusing)
+    message = str(info.value)
+    assert message.startswith(f"{root}: access denied (") and "\n" not in message
+    assert message.endswith(
+        "check the storage credentials (storage.key and storage.secret, or the AWS environment)"
+    )
+    unreachable = StorageOptions(endpoint_url="http://127.0.0.1:9", key="k", secret="s")
+    with pytest.raises(StorageAccessError) as info:
+        resolve_artifact(root, unreachable)
+    message = str(info.value)
+    assert message.startswith(f"{root}: cannot be reached (") and "\n" not in message
+    assert message.endswith("check storage.endpoint_url and the network")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.requirements_in_ci import require, require_module
 from tests.test_serve import Served, shared_app
 
 CHROMIUM = os.environ.get("VISURAY_CHROMIUM", "/usr/bin/chromium")
@@ -25,22 +26,18 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 
-pytestmark = [
-    pytest.mark.ray,
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)"
-    ),
-]
+pytestmark = [pytest.mark.ray, pytest.mark.browser]
 
 
 @pytest.fixture(scope="module")
 def served_app(ray_cluster: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    # Checked before the app starts: without a browser there is nothing to drive.
+    require(Path(CHROMIUM).exists(), f"no Chromium at {CHROMIUM} (apt-get install chromium)")
     yield shared_app(tmp_path_factory)
 
 
 def test_search_page_end_to_end(served_app: Served, tmp_path: Path) -> None:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (dev extra)")
+    sync_api = require_module("playwright.sync_api", "playwright is not installed (dev extra)")
 
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)

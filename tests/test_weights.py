@@ -355,7 +355,9 @@ def test_missing_file_and_unknown_source(tmp_path: Path) -> None:
 
 
 @pytest.mark.s3
-def test_s3_weights_load_and_an_unreachable_endpoint_says_so(s3_bucket: str, tmp_path: Path) -> None:
+def test_s3_weights_load_and_a_refused_key_or_unreachable_endpoint_says_so(
+    s3_bucket: str, s3_server_checking_credentials: str, tmp_path: Path
+) -> None:
     from visuray.storage import get_filesystem
 
     source = random_vit(seed=8)
@@ -368,10 +370,14 @@ def test_s3_weights_load_and_an_unreachable_endpoint_says_so(s3_bucket: str, tmp
     target = create_backbone(cfg)
     load_pretrained(target, cfg)
     assert_same_tensors(target, source.state_dict())
-    # moto accepts any key, so the failure checked is an endpoint that cannot be reached (as test_storage)
-    wrong = StorageOptions(endpoint_url="http://127.0.0.1:9", key="nobody", secret="wrong")
+    refused = StorageOptions(endpoint_url=s3_server_checking_credentials, key="nobody", secret="wrong")
     with pytest.raises(WeightsError) as info:
-        check_pretrained(cfg, wrong)
+        check_pretrained(cfg, refused)
+    assert str(info.value).startswith(f"weights {uri}: access denied") and "\n" not in str(info.value)
+    assert "check the storage credentials" in str(info.value)
+    unreachable = StorageOptions(endpoint_url="http://127.0.0.1:9", key="nobody", secret="wrong")
+    with pytest.raises(WeightsError) as info:
+        check_pretrained(cfg, unreachable)
     assert str(info.value).startswith(f"weights {uri}: cannot be reached") and "\n" not in str(info.value)
 
 

@@ -26,7 +26,7 @@ import posixpath
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,38 @@ class StorageOptions(StrictModel):
 
 class ArtifactError(VisurayError, RuntimeError):
     """An artifact is missing, unpublished, or does not match its manifest."""
+
+
+class StorageAccessError(VisurayError, OSError):
+    """The store refused a request (credentials) or could not be reached (endpoint, network)."""
+
+
+@contextlib.contextmanager
+def storage_access(uri: str) -> Iterator[None]:
+    """Turn a store's refusal, or a remote store that cannot be reached, into a one-line
+    :class:`StorageAccessError` naming ``uri`` and what to check. "Not found" passes through, as does any
+    error of a local path: those are the caller's to explain. Wrap the first request to a store only, so
+    that nothing but storage access is translated."""
+    try:
+        yield
+    except (FileNotFoundError, VisurayError):
+        raise
+    except PermissionError as exc:
+        raise StorageAccessError(
+            f"{uri}: access denied ({_first_line(exc)}); check the storage credentials (storage.key and "
+            "storage.secret, or the AWS environment)"
+        ) from None
+    except Exception as exc:  # botocore's and aiohttp's connection errors share no base class with OSError
+        if not is_remote(uri):
+            raise
+        raise StorageAccessError(
+            f"{uri}: cannot be reached ({_first_line(exc)}); check storage.endpoint_url and the network"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def is_remote(uri: str) -> bool:
@@ -290,7 +322,9 @@ def resolve_artifact(root: str, options: StorageOptions | None = None) -> Artifa
     """
     fs, path = get_filesystem(root, options)
     manifest_path = _child(root, path, MANIFEST_NAME)
-    if fs.exists(manifest_path):
+    with storage_access(root):
+        is_version = fs.exists(manifest_path)
+    if is_version:
         return Artifact(root, root, Manifest.from_json(fs.cat_file(manifest_path).decode()), options)
     latest_path = _child(root, path, LATEST_NAME)
     if not fs.exists(latest_path):

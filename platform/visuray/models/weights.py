@@ -36,10 +36,12 @@ from visuray.models.config import BackboneConfig
 from visuray.storage import (
     WEIGHTS_NAME,
     ArtifactError,
+    StorageAccessError,
     StorageOptions,
     absolute_uri,
     get_filesystem,
     resolve_artifact,
+    storage_access,
 )
 
 if TYPE_CHECKING:
@@ -194,16 +196,12 @@ def _builtin_source(name: str, layout: str) -> WeightsSource:
 def _file_source(uri: str, layout: str, options: StorageOptions | None) -> WeightsSource:
     fs, path = get_filesystem(uri, options)
     try:
-        found = fs.info(path).get("type") == "file"
+        with storage_access(uri):
+            found = fs.info(path).get("type") == "file"
     except FileNotFoundError:
         found = False
-    except PermissionError as exc:
-        raise WeightsError(f"weights {uri}: access denied ({exc}); check the storage credentials") from None
-    except Exception as exc:  # botocore's and aiohttp's connection errors share no base class with OSError
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise WeightsError(
-            f"weights {uri}: cannot be reached ({reason}); check storage.endpoint_url and the network"
-        ) from None
+    except StorageAccessError as exc:
+        raise WeightsError(f"weights {exc}") from None
     if not found:
         raise WeightsError(f"weights {uri}: no such file; give the path of a checkpoint file")
     spec = _statistics_beside(uri, options)
@@ -239,8 +237,8 @@ def _artifact_source(uri: str, options: StorageOptions | None) -> WeightsSource:
             f"weights {uri}: not a built-in name, a checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)}) or a "
             f"published Visuray model ({exc})"
         ) from None
-    except PermissionError as exc:
-        raise WeightsError(f"weights {uri}: access denied ({exc}); check the storage credentials") from None
+    except StorageAccessError as exc:
+        raise WeightsError(f"weights {exc}") from None
     kind = artifact.manifest.kind
     if kind not in ARTIFACT_BACKBONES:
         raise WeightsError(f"weights {uri}: a {kind!r} artifact holds no backbone (use a model artifact)")

@@ -160,6 +160,34 @@ def set_step_hyperparameters(
             group["weight_decay"] = weight_decay
 
 
+def dino_step(
+    engine: Any,
+    teacher: nn.Module,
+    loss_fn: DINOLoss,
+    crops: list[torch.Tensor],
+    teacher_temp: float,
+    momentum: float,
+    autocast: contextlib.AbstractContextManager[Any],
+    step: int,
+) -> torch.Tensor:
+    """One DINO step; returns its loss.
+
+    The teacher sees the two global crops, the student (``engine``: a DeepSpeed engine, or anything with
+    its ``__call__`` / ``backward`` / ``step`` / ``module``) all of them; the student steps, then the
+    teacher moves towards it by ``momentum`` (EMA) and the loss moves the centre.
+    """
+    with torch.no_grad(), autocast:
+        teacher_out = teacher([c.to(torch.float32) for c in crops[:2]])  # teacher: global crops only
+    student_out = engine(crops)
+    loss = loss_fn(student_out.float(), teacher_out.float(), teacher_temp)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"DINO loss is {loss.item()} at step {step}; lower train.lr or clip harder")
+    engine.backward(loss)
+    engine.step()
+    update_teacher(engine.module.named_parameters(), teacher, momentum, full_fp32_param)
+    return loss
+
+
 def stream_image_batches(shard: Any, batch_size: int, shuffle_buffer: int, seed: int) -> Any:
     """Endless batches of encoded image bytes from a Ray Data shard, epoch after epoch."""
     epoch = 0
@@ -348,18 +376,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             step < tc.freeze_last_layer_steps,
         )
 
-        with torch.no_grad(), autocast:
-            teacher_out = teacher([c.to(torch.float32) for c in crops[:2]])  # teacher: global crops only
-        student_out = engine(crops)
-        loss = loss_fn(student_out.float(), teacher_out.float(), float(temp_schedule[step]))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"DINO loss is {loss.item()} at step {step}; lower train.lr or clip harder"
-            )
-        engine.backward(loss)
-        engine.step()
-        update_teacher(
-            engine.module.named_parameters(), teacher, float(momentum_schedule[step]), full_fp32_param
+        loss = dino_step(
+            engine,
+            teacher,
+            loss_fn,
+            crops,
+            float(temp_schedule[step]),
+            float(momentum_schedule[step]),
+            autocast,
+            step,
         )
         step += 1
         loss_sum += loss.detach()
