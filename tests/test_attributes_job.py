@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tests.tiny import tiny_vit_overrides
@@ -162,3 +163,30 @@ def test_train_attributes_resumes_from_the_latest_checkpoint(trained: TrainedRun
     assert second["start_step"] == 10 and second["steps"] == 13
     assert [h["step"] for h in second["history"]] == [11, 12, 13]
     assert second["model_version"] != first["model_version"]
+
+
+@pytest.mark.slow
+def test_train_attributes_starts_from_init_from(trained: TrainedRun) -> None:
+    """init_from: a new run starts from the published attribute model's backbone. With every block frozen
+    they stay exactly its (trained) blocks, not the seed's initialisation the first run started from."""
+    output = trained.root / "from-model"
+    summary = run_train_attributes(
+        job_config(
+            trained.root,
+            "name=test-attributes-init-from",
+            f"output={output}",
+            f"init_from={trained.cfg.output}",
+            "train.freeze_blocks=2",
+            "train.steps=3",
+            "train.warmup_steps=1",
+            "train.checkpoint_every=3",
+            "train.validate_every=3",
+        )
+    )
+    assert summary["start_step"] == 0 and summary["steps"] == 3
+    started, *_ = load_attribute_model(str(output))
+    source, *_ = load_attribute_model(trained.cfg.output)
+    for block in (0, 1):
+        assert torch.equal(
+            started.backbone.blocks[block].attn.qkv.weight, source.backbone.blocks[block].attn.qkv.weight
+        )

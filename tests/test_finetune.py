@@ -280,3 +280,25 @@ def test_finetune_resumes_from_the_latest_checkpoint(ray_cluster: object, tmp_pa
     assert not torch.equal(
         model.backbone.blocks[1].attn.qkv.weight, initial.backbone.blocks[1].attn.qkv.weight
     )
+
+    # init_from: a new run starts from that published model. With both blocks frozen they must stay exactly
+    # its blocks (block 1 trained above), not the seed's initialisation.
+    third = run_finetune(
+        finetune_config(
+            tmp_path,
+            **{
+                **options,
+                "name": "from-model",
+                "output": str(tmp_path / "model-from-model"),
+                "init_from": str(tmp_path / "model"),
+                "train.freeze_blocks": "2",
+                "train.steps": "3",
+            },
+        )
+    )
+    assert third["start_step"] == 0 and third["steps"] == 3
+    started, _ = load_embedding_model(str(tmp_path / "model-from-model"))
+    for block in (0, 1):
+        assert torch.equal(
+            started.backbone.blocks[block].attn.qkv.weight, model.backbone.blocks[block].attn.qkv.weight
+        )
