@@ -293,6 +293,43 @@ def test_json_raw_and_concurrent_queries_agree(served: Served) -> None:
     assert [a.json()["results"][0]["item_id"] for a in answers] == ids
 
 
+def test_concurrent_requests_share_batches(served: Served) -> None:
+    """Requests arriving together are embedded (and searched) in batches larger than one, up to the
+    configured size: with max_batch_size 1, or a deployment that does not batch, this fails. Each batched
+    deployment's ``batching()`` counts its batches by size (the session app has one replica of each)."""
+    import asyncio
+
+    from ray import serve
+
+    names = ("EmbeddingEnsemble", "Search")
+    ids = [f"item-{i}" for i in (0, 1, 2, 4, 5, 6, 8, 9)] * 2  # as above: items whose top-1 is themselves
+
+    async def run() -> tuple[list[httpx.Response], list[dict[str, Any]], list[dict[str, Any]]]:
+        # One event loop for every handle call: in the throughput-optimised mode a handle routes on the
+        # loop it was first used from.
+        handles = [serve.get_deployment_handle(name, app_name="visuray-test") for name in names]
+        before = [await handle.batching.remote() for handle in handles]
+        async with httpx.AsyncClient(timeout=60) as client:
+            answers = await asyncio.gather(
+                *(
+                    client.post(f"{served.url}/v1/search", **multipart(served.records[i].image, k="1"))
+                    for i in ids
+                )
+            )
+        after = [await handle.batching.remote() for handle in handles]
+        return answers, before, after
+
+    answers, before, after = asyncio.run(run())
+    assert [a.json()["results"][0]["item_id"] for a in answers] == ids
+    settings = (served.args.embed_batch, served.args.search_batch)
+    for name, setting, old, new in zip(names, settings, before, after, strict=True):
+        assert new["max_batch_size"] == setting.max_batch_size
+        assert new["requests"] - old["requests"] == len(ids), (name, old, new)
+        ran = {int(size): n - old["sizes"].get(size, 0) for size, n in new["sizes"].items()}
+        sizes = [size for size, n in ran.items() if n > 0]
+        assert 1 < max(sizes) <= setting.max_batch_size, (name, ran)
+
+
 def test_embed_returns_the_ensembles_unit_vector(served: Served) -> None:
     record = served.records["item-5"]
     response = httpx.post(f"{served.url}/v1/embed", **multipart(record.image), timeout=60)

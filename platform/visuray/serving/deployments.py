@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -47,9 +48,39 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _set_batching(method: Any, batch: BatchSettings) -> None:
+class BatchSizes:
+    """How many batches of each size a replica's ``@serve.batch`` method has run: whether concurrent
+    requests really share forward passes (every batched deployment answers ``batching()`` with it)."""
+
+    def __init__(self, batch: BatchSettings) -> None:
+        self.settings = batch
+        self.counts: Counter[int] = Counter()
+
+    def record(self, size: int) -> None:
+        self.counts[size] += 1
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            **self.settings.model_dump(),
+            "batches": sum(self.counts.values()),
+            "requests": sum(size * n for size, n in self.counts.items()),
+            "sizes": {str(size): n for size, n in sorted(self.counts.items())},
+        }
+
+
+class ReportsBatching:
+    """A deployment with a ``@serve.batch`` method: ``batching()`` answers its :class:`BatchSizes`."""
+
+    batch_sizes: BatchSizes
+
+    def batching(self) -> dict[str, Any]:
+        return self.batch_sizes.summary()
+
+
+def _set_batching(method: Any, batch: BatchSettings) -> BatchSizes:
     method.set_max_batch_size(batch.max_batch_size)
     method.set_batch_wait_timeout_s(batch.batch_wait_timeout_s)
+    return BatchSizes(batch)
 
 
 def _images(pixels: list[np.ndarray]) -> list[Any]:
@@ -60,7 +91,7 @@ def _images(pixels: list[np.ndarray]) -> list[Any]:
 
 # ---------------------------------------------------------------------------- EmbeddingEnsemble
 @serve.deployment(name="EmbeddingEnsemble")
-class EmbeddingEnsembleDeployment:
+class EmbeddingEnsembleDeployment(ReportsBatching):
     """The embedding ensemble; ``embed(pixels)`` -> one unit ensemble vector as a list of floats."""
 
     def __init__(
@@ -81,7 +112,7 @@ class EmbeddingEnsembleDeployment:
         if self.ensemble.version != expected_version:
             raise ValueError(f"the ensemble loaded as {self.ensemble.version}, expected {expected_version}")
         self.info_dict = {**self.ensemble.resolved.describe(), "device": self.device}
-        _set_batching(self.embed, batch)
+        self.batch_sizes = _set_batching(self.embed, batch)
         log.info("ensemble ready: %s (dim %d) on %s", self.ensemble.version, self.ensemble.dim, self.device)
 
     def info(self) -> dict[str, Any]:
@@ -89,6 +120,7 @@ class EmbeddingEnsembleDeployment:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def embed(self, pixels: list[np.ndarray]) -> list[list[float]]:
+        self.batch_sizes.record(len(pixels))
         # The forward pass runs off the event loop so the replica keeps answering health checks.
         vectors = await asyncio.to_thread(self.ensemble.embed, _images(pixels))
         return vectors.tolist()
@@ -96,7 +128,7 @@ class EmbeddingEnsembleDeployment:
 
 # ---------------------------------------------------------------------------------------- Fusion
 @serve.deployment(name="Fusion")
-class FusionDeployment:
+class FusionDeployment(ReportsBatching):
     """Composed retrieval; ``encode(pixels, text)`` -> one query vector in the fusion target space."""
 
     def __init__(
@@ -122,7 +154,7 @@ class FusionDeployment:
             {"model_version": self.model.version, "embedding_dim": self.model.dim},
         )
         self.info_dict = {"version": self.model.version, "uri": model_uri, "dim": self.model.dim}
-        _set_batching(self.encode, batch)
+        self.batch_sizes = _set_batching(self.encode, batch)
         log.info("fusion ready: %s on %s", self.model.version, self.device)
 
     def info(self) -> dict[str, Any]:
@@ -130,13 +162,14 @@ class FusionDeployment:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def encode(self, pixels: list[np.ndarray], texts: list[str]) -> list[list[float]]:
+        self.batch_sizes.record(len(pixels))
         vectors = await asyncio.to_thread(self.model.encode_queries, _images(pixels), texts)
         return np.asarray(vectors, dtype=np.float32).tolist()
 
 
 # ------------------------------------------------------------------------------------ Attributes
 @serve.deployment(name="Attributes")
-class AttributesDeployment:
+class AttributesDeployment(ReportsBatching):
     """Attributes; ``predict(pixels)`` -> ``{"labels": [{label, score, threshold}], "scores": {...}}``."""
 
     def __init__(
@@ -151,7 +184,7 @@ class AttributesDeployment:
         self.model = load_checked(loader, model_uri, storage, self.device, AttributeModel)
         self.thresholds = {label: float(t) for label, t in self.model.thresholds.items()}
         self.info_dict = {"version": self.model.version, "uri": model_uri, "labels": sorted(self.thresholds)}
-        _set_batching(self.predict, batch)
+        self.batch_sizes = _set_batching(self.predict, batch)
         log.info("attributes ready: %s, %d labels", self.model.version, len(self.thresholds))
 
     def info(self) -> dict[str, Any]:
@@ -159,6 +192,7 @@ class AttributesDeployment:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def predict(self, pixels: list[np.ndarray]) -> list[dict[str, Any]]:
+        self.batch_sizes.record(len(pixels))
         predictions = await asyncio.to_thread(self.model.predict, _images(pixels))
         return [self._decide(scores) for scores in predictions]
 
@@ -175,7 +209,7 @@ class AttributesDeployment:
 
 # ---------------------------------------------------------------------------------------- Search
 @serve.deployment(name="Search")
-class Search:
+class Search(ReportsBatching):
     """A FAISS index; ``search(vector, k)`` -> ``{"ids", "scores", "index_version"}``, best first.
 
     The index comes from ``user_config`` (``{"index": URI, "reload_interval_s": seconds or None}``), so a
@@ -206,7 +240,7 @@ class Search:
         self._refused: str | None = None  # the last version URI refused: not retried every interval
         self._watcher: asyncio.Task | None = None
         self._swap_lock = asyncio.Lock()
-        _set_batching(self.search, batch)
+        self.batch_sizes = _set_batching(self.search, batch)
 
     # ------------------------------------------------------------------ index lifecycle
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -288,6 +322,7 @@ class Search:
     # ------------------------------------------------------------------ queries
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def search(self, vectors: list[list[float]], ks: list[int]) -> list[dict[str, Any]]:
+        self.batch_sizes.record(len(vectors))
         return await asyncio.to_thread(self._search_now, self.index, vectors, ks)
 
     @staticmethod
