@@ -302,3 +302,46 @@ def test_finetune_resumes_from_the_latest_checkpoint(ray_cluster: object, tmp_pa
         assert torch.equal(
             started.backbone.blocks[block].attn.qkv.weight, model.backbone.blocks[block].attn.qkv.weight
         )
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+@pytest.mark.slow
+def test_a_run_dir_on_s3_checkpoints_there_and_resumes_from_there(
+    ray_cluster: object, s3_bucket: str, tmp_path: Path
+) -> None:
+    """What every multi-node run on a real cluster does: Ray Train keeps the run (checkpoints included) in
+    object storage, and a rerun by name resumes from the checkpoint it finds there."""
+    from visuray.storage import get_filesystem
+
+    write_colour_catalog(str(tmp_path / "catalog"))
+    run_dir = f"{s3_bucket}/train-runs"
+    options = {
+        "name": "on-s3",
+        "run_dir": run_dir,
+        "train.checkpoint_every": "3",
+        "model.backbone.depth": "2",
+        # Given explicitly: Ray's own processes (the Train controller) started before the test set the
+        # loopback endpoint's credentials in this process's environment. On a cluster they come from the
+        # nodes' environment or instance profile.
+        "storage.key": "testing",
+        "storage.secret": "testing",
+    }
+    first = run_finetune(finetune_config(tmp_path, **{**options, "train.steps": "6"}))
+    assert first["start_step"] == 0 and first["steps"] == 6
+    fs, path = get_filesystem(run_dir)
+    stored = fs.find(path)
+    run_path = f"{path}/on-s3/"
+    checkpoints = {
+        key[len(run_path) :].split("/")[0] for key in stored if key.startswith(run_path + "checkpoint_")
+    }
+    # steps 3 and 6, and the controller's record of them (what a restarted run resumes from)
+    assert {name for name in checkpoints if "." in name and name.endswith(".json")} == {
+        "checkpoint_manager_snapshot.json"
+    }
+    assert len(checkpoints) == 3, stored
+    assert not (tmp_path / "runs").exists()  # nothing of the run kept locally
+
+    second = run_finetune(finetune_config(tmp_path, **{**options, "train.steps": "8"}))
+    assert second["start_step"] == 6 and second["steps"] == 8
+    assert [h["step"] for h in second["history"]] == [7, 8]
