@@ -26,7 +26,7 @@ from visuray.ssl.loop import (
     set_step_hyperparameters,
 )
 from visuray.ssl.multicrop import MultiCropAugmentation
-from visuray.train.deepspeed_engine import load_deepspeed_config, resolve_deepspeed_config
+from visuray.train.deepspeed_engine import load_deepspeed_config, resolve_deepspeed_config, wants_bf16
 from visuray.train.schedules import cosine_schedule, teacher_temperature_schedule
 
 pytestmark = pytest.mark.unit
@@ -311,3 +311,14 @@ def test_dino_steps_on_a_fixed_batch_lower_the_loss_and_pull_the_teacher_towards
     assert squared_distance(teacher_now, start) > 1e-3  # the teacher moved...
     # ...towards the student, lagging it (an EMA, not a copy)
     assert 1e-3 < squared_distance(teacher_now, student_now) < squared_distance(start, student_now)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_json_with_bf16_on(stage):
+    """The GPU precision path, checked on the CPU: bf16 turns DeepSpeed's bf16 section on at every stage,
+    and ``precision: auto`` picks it only where CUDA is."""
+    resolved = resolve_deepspeed_config(load_deepspeed_config(stage), 8, 3.0, bf16=True)
+    assert resolved["bf16"] == {"enabled": True} and resolved["zero_optimization"]["stage"] == stage
+    assert "fp16" not in resolved or not resolved["fp16"].get("enabled")
+    assert wants_bf16("bf16") and not wants_bf16("fp32")
+    assert wants_bf16("auto") == torch.cuda.is_available()

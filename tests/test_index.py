@@ -480,3 +480,25 @@ def test_build_index_job_with_an_ensemble_shards_and_a_fusion_encoder(
         validate_config(BuildIndexConfig, {**common, "fusion": "f", "model": "m", "output": "o"})
     with pytest.raises(Exception, match="exactly one of 'model'"):
         validate_config(BuildIndexConfig, {**common, "output": "o"})
+
+
+@pytest.mark.unit
+def test_a_gpu_index_asked_for_without_a_gpu_is_built_on_cpu_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The faiss-gpu path, checked where there is no GPU: ``use_gpu=True`` warns in one line and builds the
+    same index on the CPU (the documented fallback), with the same answers as exact search."""
+    import faiss
+
+    if faiss.get_num_gpus() > 0:
+        pytest.skip("this machine has a GPU: the fallback is not taken")
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(400, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    with caplog.at_level("WARNING", logger="visuray.index.faiss_index"):
+        index = build_faiss_index(vectors, "Flat", "ip", use_gpu=True)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["use_gpu was requested but FAISS sees no GPU: building Flat on CPU"]
+    assert not hasattr(index, "getDevice") and index.ntotal == 400
+    _, found = index.search(vectors[:20], 1)
+    np.testing.assert_array_equal(found[:, 0], np.arange(20))
