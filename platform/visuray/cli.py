@@ -18,6 +18,10 @@ from typing import Any
 from visuray.cluster import apply_ray_env_defaults
 from visuray.config import ConfigError, config_to_yaml, validate_config, yaml_load
 
+# What `visuray serve` gives Serve's graceful shutdown and the cluster's on SIGINT / SIGTERM: inside the
+# 30 s that Kubernetes' default terminationGracePeriodSeconds leaves before SIGKILL.
+SERVE_STOP_TIMEOUT_S = 25.0
+
 log = logging.getLogger("visuray")
 
 
@@ -191,9 +195,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import time
-
-    from visuray.cluster import ensure_ray
+    from visuray.cluster import ensure_ray, stop_within, wait_for_stop_signal
     from visuray.serving import APP_NAME, ServeAppArgs, direct_ingress_urls, start_serve_app
 
     data: dict[str, Any] = {}
@@ -207,16 +209,28 @@ def cmd_serve(args: argparse.Namespace) -> None:
     app_args = validate_config(ServeAppArgs, data, args.config or "<command line>", args.overrides)
     ensure_ray(num_cpus=args.num_cpus)
     url = start_serve_app(app_args, host=args.host, port=args.port)
-    print(f"serving on {url} (Ctrl-C to stop)", flush=True)
+    print(f"serving on {url} (Ctrl-C or SIGTERM to stop)", flush=True)
     for direct in direct_ingress_urls(APP_NAME):  # RAY_SERVE_THROUGHPUT_OPTIMIZED=1: no proxy hop there
         print(f"direct ingress: {direct}", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        from ray import serve
+    received = wait_for_stop_signal()
+    import ray
+    from ray import serve
 
-        serve.shutdown()
+    # Serve's own graceful shutdown: proxies stop taking requests, replicas finish the ones in flight (up to
+    # each deployment's graceful_shutdown_timeout_s), then the cluster this command started goes down.
+    took, unfinished = stop_within(
+        [("Serve", serve.shutdown), ("the Ray cluster", ray.shutdown)], SERVE_STOP_TIMEOUT_S
+    )
+    if unfinished:
+        print(
+            f"stopped on {received.name} after {took:.0f} s without a clean shutdown of "
+            f"{' and '.join(unfinished)}",
+            flush=True,
+        )
+        os._exit(1)  # the stuck shutdown holds locks that a normal interpreter exit would wait on
+    print(
+        f"stopped on {received.name}: requests drained, Serve and the Ray cluster shut down in {took:.1f} s"
+    )
 
 
 def cmd_import_weights(args: argparse.Namespace) -> None:

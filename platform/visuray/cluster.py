@@ -1,4 +1,5 @@
-"""Connecting to Ray: the embedded local cluster, or the cluster a submitted job runs on.
+"""Connecting to Ray: the embedded local cluster, or the cluster a submitted job runs on; and stopping a
+long-running command cleanly on SIGINT or SIGTERM.
 
 Ray's token authentication (on by default for local clusters since Ray 2.59) stays on: ``ray.init()``
 generates a token into ``~/.ray/auth_token`` for an embedded cluster, and a job submitted to a cluster
@@ -9,7 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -32,6 +37,11 @@ RAY_ENV_DEFAULTS = {
     # A new embedded cluster's dashboard, which Ray Train needs to free stopped runs' resources, can take
     # over Ray's default 60 s to come up on a busy machine.
     "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "180",
+    # A router replica answering on its own port waits this long before it stops, so that load balancers
+    # in front of it notice (Ray's default, 30 s, is right behind one: KubeRay's RayService keeps it). An
+    # embedded cluster has none, and 30 s made every stop of `visuray serve` overrun the 30 s a stopping
+    # service gets. In-flight requests are still finished first.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
     **SERVE_ENV_DEFAULTS,
 }
 
@@ -122,3 +132,51 @@ def shutdown_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------ stopping cleanly
+# Ctrl-C in a terminal, and what Kubernetes and systemd send to stop a service.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def wait_for_stop_signal(poll_s: float = 0.5) -> signal.Signals:
+    """Block until SIGINT or SIGTERM arrives (main thread only); return which.
+
+    Both are handled here, so neither interrupts the stop that follows halfway (Ray's own SIGTERM
+    handling ends a driver with a native stack dump). Once one has arrived, a second one ends the
+    process at once (exit 128 + its number): the way out if stopping hangs.
+    """
+    received: list[signal.Signals] = []
+
+    def handle(signum: int, _frame: Any) -> None:
+        if received:
+            os._exit(128 + signum)
+        received.append(signal.Signals(signum))
+
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, handle)
+    while not received:
+        time.sleep(poll_s)  # handlers run between these sleeps
+    return received[0]
+
+
+def stop_within(
+    steps: Sequence[tuple[str, Callable[[], object]]], timeout_s: float
+) -> tuple[float, list[str]]:
+    """Run the named stop ``steps`` in order in a helper thread, ``timeout_s`` for all of them; return the
+    seconds taken and the names of the steps that had not finished (the one running, and those after)."""
+    done: list[str] = []
+
+    def run() -> None:
+        for name, step in steps:
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - a failed step is reported; the next ones still run
+                log.warning("stopping: %s failed", name, exc_info=True)
+            done.append(name)
+
+    started = time.monotonic()
+    worker = threading.Thread(target=run, name="visuray-stop", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    return time.monotonic() - started, [name for name, _ in steps if name not in done]
