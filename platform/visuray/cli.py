@@ -10,13 +10,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from visuray.cluster import apply_ray_env_defaults
 from visuray.config import ConfigError, config_to_yaml, validate_config, yaml_load
+from visuray.errors import VisurayError
+
+if TYPE_CHECKING:
+    from visuray.serving.args import ServeAppArgs
 
 # What `visuray serve` gives Serve's graceful shutdown and the cluster's on SIGINT / SIGTERM: inside the
 # 30 s that Kubernetes' default terminationGracePeriodSeconds leaves before SIGKILL.
@@ -207,7 +212,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if getattr(args, key):
             data[key] = getattr(args, key)
     app_args = validate_config(ServeAppArgs, data, args.config or "<command line>", args.overrides)
-    ensure_ray(num_cpus=args.num_cpus)
+    ensure_ray(num_cpus=serve_cluster_cpus(app_args, args.num_cpus))
+    import ray
+
+    problem = app_args.fit_problem(ray.cluster_resources())
+    if problem and not os.environ.get("RAY_ADDRESS"):
+        raise ServeAppDoesNotFitError(problem)  # an embedded cluster never grows: say so now
+    if problem:  # a cluster of its own may still grow (an autoscaler): the replicas wait for it
+        print(
+            f"warning: {problem}; until then its replicas wait to be scheduled", file=sys.stderr, flush=True
+        )
     url = start_serve_app(app_args, host=args.host, port=args.port)
     print(f"serving on {url} (Ctrl-C or SIGTERM to stop)", flush=True)
     for direct in direct_ingress_urls(APP_NAME):  # RAY_SERVE_THROUGHPUT_OPTIMIZED=1: no proxy hop there
@@ -231,6 +245,29 @@ def cmd_serve(args: argparse.Namespace) -> None:
     print(
         f"stopped on {received.name}: requests drained, Serve and the Ray cluster shut down in {took:.1f} s"
     )
+
+
+class ServeAppDoesNotFitError(VisurayError):
+    """The Serve application's first replicas reserve more than the cluster has."""
+
+
+def serve_cluster_cpus(app_args: ServeAppArgs, asked: int | None) -> int | None:
+    """Logical CPUs for the embedded cluster of ``visuray serve``: ``asked`` (``--num-cpus``), else the
+    machine's cores, raised to what the application's first replicas reserve (logical CPUs are
+    reservations: the replicas then share the cores, as the demo's do). None where ``RAY_ADDRESS`` names a
+    cluster."""
+    if asked is not None or os.environ.get("RAY_ADDRESS"):
+        return asked
+    cores = os.cpu_count() or 1
+    needed = math.ceil(app_args.reserved("CPU") - 1e-9)
+    if needed <= cores:
+        return None  # Ray's default: the cores
+    print(
+        f"the application's first replicas reserve {app_args.reserved('CPU'):g} CPUs: the embedded cluster "
+        f"declares {needed} logical CPUs on {cores} cores (--num-cpus sets it)",
+        flush=True,
+    )
+    return needed
 
 
 def cmd_import_weights(args: argparse.Namespace) -> None:
@@ -448,8 +485,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Read by Ray when first imported (below, by the command): Ray Serve's throughput-optimised path, a
     # longer wait for a new embedded cluster's dashboard.
     apply_ray_env_defaults()
-    from visuray.errors import VisurayError
-
     try:
         args.func(args)
     except ConfigError as exc:

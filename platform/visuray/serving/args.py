@@ -4,6 +4,7 @@ torch, faiss or Ray at import, because the CLI and the job specs import it."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,6 +47,11 @@ class DeploymentSettings(StrictModel):
     )
     num_cpus: float = Field(0.5, ge=0, description="0.5 lets all three deployments fit a 2-core test cluster")
     num_gpus: float = Field(0, ge=0, description="1 on GPU nodes for the embedder; search runs on CPU")
+
+    @property
+    def first_replicas(self) -> int:
+        """Replicas Serve starts the deployment with (autoscaling: its minimum)."""
+        return self.autoscaling.min_replicas if self.autoscaling is not None else self.num_replicas
 
     def to_serve(self) -> dict[str, Any]:
         options: dict[str, Any] = {
@@ -188,6 +194,43 @@ class ServeAppArgs(StrictModel):
 
     def embedding_ensemble(self) -> EnsembleSpec:
         return ensemble_spec(self.model, self.ensemble, "serve app args")
+
+    def deployment_settings(self) -> dict[str, DeploymentSettings]:
+        """Every deployment this application runs, by Serve name, with the settings it is deployed with."""
+        found = {"Router": self.router, "EmbeddingEnsemble": self.embedder, "Search": self.search}
+        if self.fusion is not None:
+            found |= {"Fusion": self.fusion.deployment, "ComposedSearch": self.search}
+        if self.attributes is not None:
+            found["Attributes"] = self.attributes.deployment
+        return found
+
+    def reserved(self, resource: str) -> float:
+        """``"CPU"`` or ``"GPU"`` reserved by the first replicas of every deployment: what a cluster must
+        have free before the application answers."""
+        each = {"CPU": lambda d: d.num_cpus, "GPU": lambda d: d.num_gpus}[resource]
+        return sum(d.first_replicas * each(d) for d in self.deployment_settings().values())
+
+    def fit_problem(self, cluster: Mapping[str, float]) -> str | None:
+        """Why this application's first replicas cannot all be placed on a cluster with ``cluster``
+        resources (``ray.cluster_resources()``), in one line with what fixes it; None when they can."""
+        for resource, setting in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
+            need, have = self.reserved(resource), float(cluster.get(resource, 0.0))
+            if need <= have + 1e-9:
+                continue
+            parts = ", ".join(
+                f"{name} {d.first_replicas} x {getattr(d, setting):g}"
+                for name, d in self.deployment_settings().items()
+                if d.first_replicas and getattr(d, setting)
+            )
+            fixes = "lower the deployments' " + setting + " (e.g. embedder." + setting + "=0.25, "
+            fixes += "attributes.deployment." + setting + "=0.25) or add nodes"
+            if resource == "CPU":
+                fixes = f"start with more logical CPUs (visuray serve --num-cpus {math.ceil(need)}), " + fixes
+            return (
+                f"the Serve application's first replicas reserve {need:g} {resource}s ({parts}) but the "
+                f"cluster has {have:g}: {fixes}"
+            )
+        return None
 
 
 # ------------------------------------------------------------------------------ pairing check
