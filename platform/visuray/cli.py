@@ -214,9 +214,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     app_args = validate_config(ServeAppArgs, data, args.config or "<command line>", args.overrides)
     ensure_ray(num_cpus=serve_cluster_cpus(app_args, args.num_cpus))
     import ray
+    from ray import serve
 
+    embedded = not os.environ.get("RAY_ADDRESS")
     problem = app_args.fit_problem(ray.cluster_resources())
-    if problem and not os.environ.get("RAY_ADDRESS"):
+    if problem and embedded:
         raise ServeAppDoesNotFitError(problem)  # an embedded cluster never grows: say so now
     if problem:  # a cluster of its own may still grow (an autoscaler): the replicas wait for it
         print(
@@ -227,14 +229,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
     for direct in direct_ingress_urls(APP_NAME):  # RAY_SERVE_THROUGHPUT_OPTIMIZED=1: no proxy hop there
         print(f"direct ingress: {direct}", flush=True)
     received = wait_for_stop_signal()
-    import ray
-    from ray import serve
-
     # Serve's own graceful shutdown: proxies stop taking requests, replicas finish the ones in flight (up to
-    # each deployment's graceful_shutdown_timeout_s), then the cluster this command started goes down.
-    took, unfinished = stop_within(
-        [("Serve", serve.shutdown), ("the Ray cluster", ray.shutdown)], SERVE_STOP_TIMEOUT_S
-    )
+    # each deployment's graceful_shutdown_timeout_s), then the cluster this command started goes down. On a
+    # cluster of its own (RAY_ADDRESS) only this application goes, and the connection.
+    steps = [("Serve", serve.shutdown), ("the Ray cluster", ray.shutdown)]
+    if not embedded:
+        steps = [
+            (f"the {APP_NAME!r} application", lambda: serve.delete(APP_NAME)),
+            ("the connection", ray.shutdown),
+        ]
+    took, unfinished = stop_within(steps, SERVE_STOP_TIMEOUT_S)
     if unfinished:
         print(
             f"stopped on {received.name} after {took:.0f} s without a clean shutdown of "
@@ -242,9 +246,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             flush=True,
         )
         os._exit(1)  # the stuck shutdown holds locks that a normal interpreter exit would wait on
-    print(
-        f"stopped on {received.name}: requests drained, Serve and the Ray cluster shut down in {took:.1f} s"
-    )
+    done = " and ".join(name for name, _ in steps)
+    print(f"stopped on {received.name}: requests drained, {done} shut down in {took:.1f} s", flush=True)
 
 
 class ServeAppDoesNotFitError(VisurayError):
