@@ -54,11 +54,9 @@ from typing import Any
 import numpy as np
 from finetune_quality import (
     N_BOOT,
-    TRAINED_ROWS,
-    baseline_embedders,
     capped_rows,
     describe_budget,
-    embed,
+    evaluate_rows,
     ingest_fashion_products,
     load_note,
     margins_markdown,
@@ -68,8 +66,6 @@ from finetune_quality import (
     protocol_arguments,
     run_stem,
     score,
-    train_in_process,
-    trained_row_name,
     training_subset,
     with_backbone_defaults,
 )
@@ -149,22 +145,12 @@ def main() -> None:
         m, per_query[name] = score(
             embedder(query_images), query_labels, embedder(gallery_images), gallery_labels, (1, 5, 10), name
         )
-        row = {
+        return {
             "embedding": name,
             **{k: round(m[k], 4) for k in ("recall@1", "recall@5", "recall@10", "map@r")},
         }
-        print(row, flush=True)
-        return row
 
-    results = [evaluate(name, embedder) for name, embedder in baseline_embedders(model_cfg, args).items()]
-    subset = training_subset(rows, gallery_rows)
-    trained = []
-    for key in args.rows:
-        name = trained_row_name(key, model_cfg, args)
-        model, cost = train_in_process(catalog, subset, model_cfg, TRAINED_ROWS[key], args)
-        results.append(evaluate(name, lambda images, m=model: embed(m, images)) | cost)
-        trained.append(name)
-        print(results[-1], flush=True)
+    results, trained = evaluate_rows(catalog, training_subset(rows, gallery_rows), model_cfg, args, evaluate)
 
     margins = margins_over(per_query, trained, f"street {args.split}")
     print(f"\nstreet ({args.split}) -> catalog; {budget}\n")

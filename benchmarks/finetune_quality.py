@@ -408,6 +408,30 @@ def trained_row_name(name: str, model_cfg: EmbeddingModelConfig, args: argparse.
     return f"{'pretrained' if model_cfg.backbone.weights else 'random init'} + {name}"
 
 
+def evaluate_rows(
+    catalog: str,
+    subset: Subset,
+    model_cfg: EmbeddingModelConfig,
+    args: argparse.Namespace,
+    evaluate: Callable[[str, Embedder], dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every row of a benchmark, each scored by ``evaluate(name, embedder)``: the baselines, then each of
+    ``args.rows`` trained on ``subset`` with the same budget (its training cost joined to its row).
+    Returns the rows and the trained rows' names."""
+    results = []
+    for name, embedder in baseline_embedders(model_cfg, args).items():
+        results.append(evaluate(name, embedder))
+        print(results[-1], flush=True)
+    trained = []
+    for key in args.rows:
+        name = trained_row_name(key, model_cfg, args)
+        model, cost = train_in_process(catalog, subset, model_cfg, TRAINED_ROWS[key], args)
+        results.append(evaluate(name, lambda images, m=model: embed(m, images)) | cost)
+        trained.append(name)
+        print(results[-1], flush=True)
+    return results, trained
+
+
 # ---------------------------------------------------------------- metrics
 
 
@@ -647,18 +671,7 @@ def main() -> None:
             row |= {f"{task} Recall@1": round(m["recall@1"], 4), f"{task} MAP@R": round(m["map@r"], 4)}
         return row
 
-    results = []
-    for name, embedder in baseline_embedders(model_cfg, args).items():
-        results.append(evaluate(name, embedder))
-        print(results[-1], flush=True)
-    subset = training_subset(rows, train_rows)
-    trained = []
-    for key in args.rows:
-        name = trained_row_name(key, model_cfg, args)
-        model, cost = train_in_process(catalog, subset, model_cfg, TRAINED_ROWS[key], args)
-        results.append(evaluate(name, lambda images, m=model: embed(m, images)) | cost)
-        trained.append(name)
-        print(results[-1], flush=True)
+    results, trained = evaluate_rows(catalog, training_subset(rows, train_rows), model_cfg, args, evaluate)
 
     margins = [m for task in per_query for m in margins_over(per_query[task], trained, task)]
     columns = ["(a) Recall@1", "(a) MAP@R", "(b) Recall@1", "(b) MAP@R", "train_s"]

@@ -261,12 +261,12 @@ def serve_cluster_cpus(app_args: ServeAppArgs, asked: int | None) -> int | None:
     cluster."""
     if asked is not None or os.environ.get("RAY_ADDRESS"):
         return asked
-    cores = os.cpu_count() or 1
-    needed = math.ceil(app_args.reserved("CPU") - 1e-9)
+    cores, reserved = os.cpu_count() or 1, app_args.reserved("CPU")
+    needed = math.ceil(reserved - 1e-9)
     if needed <= cores:
         return None  # Ray's default: the cores
     print(
-        f"the application's first replicas reserve {app_args.reserved('CPU'):g} CPUs: the embedded cluster "
+        f"the application's first replicas reserve {reserved:g} CPUs: the embedded cluster "
         f"declares {needed} logical CPUs on {cores} cores (--num-cpus sets it)",
         flush=True,
     )

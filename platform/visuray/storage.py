@@ -84,17 +84,19 @@ class StorageAccessError(VisurayError, OSError):
 def storage_access(uri: str) -> Iterator[None]:
     """Turn a store's refusal, or a remote store that cannot be reached, into a one-line
     :class:`StorageAccessError` naming ``uri`` and what to check. "Not found" passes through, as does any
-    error of a local path: those are the caller's to explain. Wrap the first request to a store only, so
+    other error of a local path: those are the caller's to explain. Wrap the first request to a store only, so
     that nothing but storage access is translated."""
     try:
         yield
     except (FileNotFoundError, VisurayError):
         raise
     except PermissionError as exc:
-        raise StorageAccessError(
-            f"{uri}: access denied ({_first_line(exc)}); check the storage credentials (storage.key and "
-            "storage.secret, or the AWS environment)"
-        ) from None
+        check = (
+            "the storage credentials (storage.key and storage.secret, or the AWS environment)"
+            if is_remote(uri)
+            else "the file's permissions"
+        )
+        raise StorageAccessError(f"{uri}: access denied ({_first_line(exc)}); check {check}") from None
     except Exception as exc:  # botocore's and aiohttp's connection errors share no base class with OSError
         if not is_remote(uri):
             raise

@@ -315,11 +315,10 @@ def read_checkpoint(source: WeightsSource, options: StorageOptions | None = None
         return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     fs, path = get_filesystem(source.uri, options)
     try:
-        data = fs.cat_file(path)
-    except PermissionError as exc:
-        raise WeightsError(
-            f"weights {source.describe()}: access denied ({exc}); check the credentials"
-        ) from None
+        with storage_access(source.uri):
+            data = fs.cat_file(path)
+    except StorageAccessError as exc:
+        raise WeightsError(f"weights {exc}") from None
     except OSError as exc:
         raise WeightsError(f"weights {source.describe()}: cannot be read ({exc})") from None
     if source.uri.lower().endswith(".safetensors"):

@@ -16,6 +16,8 @@ from visuray.index.ensemble import EnsembleSpec, ensemble_spec
 from visuray.storage import StorageOptions
 
 MiB = 1 << 20
+# The Ray resources a deployment reserves per replica, and the DeploymentSettings field that sets each.
+RESOURCE_SETTINGS = {"CPU": "num_cpus", "GPU": "num_gpus"}
 
 
 # ------------------------------------------------------------------------------------------ app args
@@ -207,13 +209,13 @@ class ServeAppArgs(StrictModel):
     def reserved(self, resource: str) -> float:
         """``"CPU"`` or ``"GPU"`` reserved by the first replicas of every deployment: what a cluster must
         have free before the application answers."""
-        each = {"CPU": lambda d: d.num_cpus, "GPU": lambda d: d.num_gpus}[resource]
-        return sum(d.first_replicas * each(d) for d in self.deployment_settings().values())
+        setting = RESOURCE_SETTINGS[resource]
+        return sum(d.first_replicas * getattr(d, setting) for d in self.deployment_settings().values())
 
     def fit_problem(self, cluster: Mapping[str, float]) -> str | None:
         """Why this application's first replicas cannot all be placed on a cluster with ``cluster``
         resources (``ray.cluster_resources()``), in one line with what fixes it; None when they can."""
-        for resource, setting in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
+        for resource, setting in RESOURCE_SETTINGS.items():
             need, have = self.reserved(resource), float(cluster.get(resource, 0.0))
             if need <= have + 1e-9:
                 continue
@@ -222,8 +224,10 @@ class ServeAppArgs(StrictModel):
                 for name, d in self.deployment_settings().items()
                 if d.first_replicas and getattr(d, setting)
             )
-            fixes = "lower the deployments' " + setting + " (e.g. embedder." + setting + "=0.25, "
-            fixes += "attributes.deployment." + setting + "=0.25) or add nodes"
+            fixes = (
+                f"lower the deployments' {setting} (e.g. embedder.{setting}=0.25, "
+                f"attributes.deployment.{setting}=0.25) or add nodes"
+            )
             if resource == "CPU":
                 fixes = f"start with more logical CPUs (visuray serve --num-cpus {math.ceil(need)}), " + fixes
             return (
