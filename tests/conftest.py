@@ -36,6 +36,9 @@ os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 # Serve gives a new HTTP proxy 5 s per readiness check and kills it after 3 misses; on a loaded 2-core
 # machine a proxy starting beside busy replicas has taken longer, and the app never got a proxy.
 os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
+# Serve marks replicas that wait to be scheduled after 30 s by default; the test of that waits 3.
+os.environ.setdefault("RAY_SERVE_SLOW_STARTUP_WARNING_S", "3")
+os.environ.setdefault("RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S", "3")
 # These are inherited by every cluster the tests start (the session's, `ray start` heads, CLI subprocesses).
 
 

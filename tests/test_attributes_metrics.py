@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from sklearn.metrics import roc_curve as sk_roc_curve
 
 from visuray.attributes.metrics import (
     average_precision,
+    micro_roc_curve,
     multilabel_report,
     plot_roc_png,
     relative_improvement,
@@ -43,8 +45,33 @@ def test_auc_and_ap_match_sklearn_and_the_pairwise_reference(seed: int) -> None:
 
 
 def test_auc_is_nan_without_both_classes() -> None:
-    assert np.isnan(roc_auc(np.zeros(4), np.arange(4)))
-    assert np.isnan(average_precision(np.zeros(4), np.arange(4)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # NaN by the rule, not by a 0/0 division
+        assert np.isnan(roc_auc(np.zeros(4), np.arange(4)))
+        assert np.isnan(roc_auc(np.ones(4), np.arange(4)))
+        assert np.isnan(average_precision(np.zeros(4), np.arange(4)))
+
+
+@pytest.mark.parametrize(
+    ("y", "s"),
+    [
+        ([0, 0, 1, 0, 1], [0.9, 0.8, 0.7, 0.6, 0.1]),  # top two negative, a positive at the lowest score
+        ([1, 0, 0, 0], [0.2, 0.5, 0.6, 0.9]),  # a single positive, at the lowest score
+        ([0, 1, 1, 1], [0.1, 0.3, 0.5, 0.9]),  # a single negative, at the lowest score
+        ([1, 0, 1, 0], [0.5, 0.5, 0.5, 0.5]),  # one threshold only
+        ([1, 0, 1, 0, 1], [True, False, False, True, True]),  # hard predictions as booleans
+        ([1, 0, 0, 1], np.array([3, 0, 1, 2], dtype=np.uint8)),  # unsigned scores: no wrap-around on negation
+    ],
+    ids=["negatives-first", "one-positive", "one-negative", "all-tied", "bool-scores", "uint8-scores"],
+)
+def test_auc_ap_and_curve_edge_cases_match_sklearn(y: list[int], s: list[float] | np.ndarray) -> None:
+    y_arr, s_arr = np.array(y), np.asarray(s)
+    assert roc_auc(y_arr, s_arr) == pytest.approx(roc_auc_score(y_arr, s_arr))
+    assert average_precision(y_arr, s_arr) == pytest.approx(average_precision_score(y_arr, s_arr))
+    fpr, tpr = roc_curve(y_arr, s_arr)
+    sk_fpr, sk_tpr, _ = sk_roc_curve(y_arr, s_arr.astype(np.float64), drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr)
+    np.testing.assert_allclose(tpr, sk_tpr)
 
 
 def test_report_averages_only_labels_with_enough_positives() -> None:
@@ -73,6 +100,57 @@ def test_report_averages_only_labels_with_enough_positives() -> None:
     assert report["per_label"][1]["negatives"] == 50
 
 
+def test_report_defaults_boundaries_and_known_masks() -> None:
+    rng = np.random.default_rng(1)
+    n = 40
+    targets = np.zeros((n, 3), dtype=np.float32)
+    targets[:5, 0] = 1  # exactly the default minimum of 5 positives: evaluated
+    targets[:35, 1] = 1  # exactly 5 negatives: evaluated
+    targets[:4, 2] = 1  # 4 positives: too few
+    scores = rng.random((n, 3)) + 0.3 * targets
+    report = multilabel_report(scores, targets, None, ["a", "b", "c"])  # None: every entry known
+    assert report["min_positives"] == 5 and report["num_evaluated"] == 2
+    assert [e["label"] for e in report["per_label"]] == ["a", "b"]
+    assert report["too_few"] == [{"label": "c", "positives": 4, "negatives": 36}]
+    assert report["per_label"][0]["auc"] == pytest.approx(roc_auc_score(targets[:, 0], scores[:, 0]))
+    assert report["per_label"][1]["ap"] == pytest.approx(average_precision_score(targets[:, 1], scores[:, 1]))
+    # A 0/1 integer mask reads as known/unknown, like a boolean one (not as row indices 0 and 1).
+    known = np.ones((n, 3), dtype=bool)
+    known[30:, 0] = False
+    as_bool = multilabel_report(scores, targets, known, ["a", "b", "c"], min_positives=2)
+    as_int = multilabel_report(scores, targets, known.astype(np.int64), ["a", "b", "c"], min_positives=2)
+    assert as_int == as_bool and as_bool["per_label"][0]["negatives"] == 25
+
+
+def test_report_without_evaluable_labels_is_nan_and_quiet() -> None:
+    targets = np.zeros((10, 2), dtype=np.float32)
+    targets[:2] = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "mean of empty slice" on the way to NaN
+        report = multilabel_report(np.linspace(0, 1, 20).reshape(10, 2), targets, None, ["a", "b"])
+        rel = relative_improvement(report, report)
+    assert np.isnan(report["macro_auc"]) and np.isnan(report["micro_auc"]) and np.isnan(report["map"])
+    assert report["num_evaluated"] == 0 and len(report["too_few"]) == 2
+    assert np.isnan(rel["mean_relative_auc"]) and rel["labels_compared"] == 0
+
+
+def test_micro_roc_curve_pools_the_known_entries_of_the_given_labels() -> None:
+    rng = np.random.default_rng(2)
+    targets = (rng.random((30, 3)) < 0.4).astype(np.float32)
+    scores = np.round(rng.random((30, 3)) + 0.4 * targets, 1)
+    known = rng.random((30, 3)) < 0.8
+    fpr, tpr = micro_roc_curve(scores, targets, known, [0, 2])
+    pooled_y = np.r_[targets[known[:, 0], 0], targets[known[:, 2], 2]]
+    pooled_s = np.r_[scores[known[:, 0], 0], scores[known[:, 2], 2]]
+    sk_fpr, sk_tpr, _ = sk_roc_curve(pooled_y, pooled_s, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr)
+    np.testing.assert_allclose(tpr, sk_tpr)
+    fpr, tpr = micro_roc_curve(scores, targets, None, [1])  # None: every entry known
+    sk_fpr, sk_tpr, _ = sk_roc_curve(targets[:, 1], scores[:, 1], drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr)
+    np.testing.assert_allclose(tpr, sk_tpr)
+
+
 def test_relative_improvement_per_label() -> None:
     base = {"per_label": [{"label": "a", "auc": 0.5}, {"label": "b", "auc": 0.8}]}
     model = {
@@ -82,6 +160,8 @@ def test_relative_improvement_per_label() -> None:
     assert rel["per_label"] == pytest.approx({"a": 0.2, "b": -0.1})
     assert rel["mean_relative_auc"] == pytest.approx(0.05)
     assert rel["labels_improved"] == 1 and rel["labels_compared"] == 2
+    unchanged = relative_improvement(base, base)  # no change is no improvement
+    assert unchanged["labels_improved"] == 0 and unchanged["mean_relative_auc"] == 0.0
 
 
 def _f1(y: np.ndarray, predicted: np.ndarray) -> float:

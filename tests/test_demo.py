@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import subprocess
@@ -73,7 +74,16 @@ def test_demo_runs_end_to_end(tmp_path):
     assert float(rows["fine-tuned"]) > float(rows["raw pixels (16x16 RGB)"]), rows
     assert float(rows["pretrained, no training"]) > float(rows["raw pixels (16x16 RGB)"]), rows
 
+    # what the DINO stage bought, said from the same table, plainly when it is nothing
+    note = re.search(r"^DINO continued on this catalog for \d+ steps scores Recall@1 ([0-9.]+) against "
+                     r"([0-9.]+) for the pretrained weights as they are: (.+)$", proc.stdout, flags=re.M)  # fmt: skip
+    assert note and note.group(1) == rows["DINO-continued (no labels)"], proc.stdout[-2000:]
+    assert note.group(2) == rows["pretrained, no training"]
+    paid = float(note.group(1)) > float(note.group(2))
+    assert ("improves on them" if paid else "does not pay") in note.group(3)
+
     report = (out / "report.html").read_text()
+    assert html.escape(note.group(3)) in report
     # each HTTP query beside its five neighbours, each composed query beside its five
     assert report.count("<figure") == 20 * 6 + 20 * 6
     assert "raw pixels" in report and "random init" in report and "DINO-continued (no labels)" in report

@@ -10,6 +10,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 from tests.tiny import TINY_VIT
@@ -76,13 +77,38 @@ def test_dino_loss_matches_slow_reference():
 
 
 def test_dino_loss_rejects_mismatched_crops():
-    with pytest.raises(ValueError, match="whole number"):
-        dino_loss(torch.randn(12, 5), torch.randn(5, 5), torch.zeros(1, 5), 4, 0.1, 0.04)
+    with pytest.raises(
+        ValueError, match=r"^teacher rows 5 are not a whole number of the 3-image crops in the student's 12$"
+    ):
+        dino_loss(torch.randn(12, 7), torch.randn(5, 7), torch.zeros(1, 7), 4, 0.1, 0.04)
+
+
+def test_dino_loss_with_one_global_crop_matches_slow_reference():
+    # One teacher view (e.g. a global crop plus local ones only): every other student view is its pair.
+    torch.manual_seed(2)
+    student, teacher, center = torch.randn(3 * 2, 5), torch.randn(2, 5), torch.randn(1, 5) * 0.1
+    fast = dino_loss(student, teacher, center, 3, 0.1, 0.04)
+    assert fast.item() == pytest.approx(reference_dino_loss(student, teacher, center, 3, 0.1, 0.04), rel=1e-5)
+
+
+def test_batch_center_all_reduces_under_a_process_group():
+    # A one-process gloo group takes the collective path that multi-worker training takes.
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        teacher = torch.randn(6, 4)
+        torch.testing.assert_close(batch_center(teacher), teacher.mean(dim=0, keepdim=True))
+    finally:
+        dist.destroy_process_group()
 
 
 def test_centering_is_an_ema_applied_after_the_loss():
     torch.manual_seed(1)
-    loss_fn = DINOLoss(out_dim=6, num_crops=3, student_temp=0.1, center_momentum=0.9)
+    loss_fn = DINOLoss(out_dim=6, num_crops=3)  # the defaults: student temperature 0.1, centre momentum 0.9
     loss_fn.center.copy_(torch.randn(1, 6))
     old_center = loss_fn.center.clone()
     student, teacher = torch.randn(3 * 4, 6), torch.randn(2 * 4, 6)
@@ -217,6 +243,22 @@ def test_teacher_ema_matches_manual_update():
     update_teacher(student.named_parameters(), teacher, momentum=0.9)
     for name, param in student.named_parameters():
         torch.testing.assert_close(teacher.state_dict()[name], 0.9 * before[name] + 0.1 * param.detach())
+
+
+def test_teacher_update_skips_frozen_parameters_and_names_a_missing_one():
+    student, teacher = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+
+    def frozen_weight(param: torch.Tensor) -> torch.Tensor | None:
+        return None if param is student.weight else param.detach()
+
+    # The frozen weight comes first: the bias after it is still averaged.
+    update_teacher(student.named_parameters(), teacher, momentum=0.5, full_param=frozen_weight)
+    assert torch.equal(teacher.weight, before["weight"])
+    torch.testing.assert_close(teacher.bias, 0.5 * before["bias"] + 0.5 * student.bias.detach())
+    extra = [("extra", torch.zeros(1))]
+    with pytest.raises(KeyError, match="student parameter 'extra' has no teacher counterpart"):
+        update_teacher(extra, teacher, momentum=0.5)
 
 
 @pytest.mark.parametrize(

@@ -502,3 +502,27 @@ def test_a_gpu_index_asked_for_without_a_gpu_is_built_on_cpu_and_says_so(
     assert not hasattr(index, "getDevice") and index.ntotal == 400
     _, found = index.search(vectors[:20], 1)
     np.testing.assert_array_equal(found[:, 0], np.arange(20))
+
+
+@pytest.mark.unit
+def test_the_served_embedder_keeps_a_pretrained_cnn_channels_last_and_embeds_as_the_plain_layout(
+    tmp_path: Path,
+) -> None:
+    """The embedder of Serve and the index job runs the bundled Lite0 in the channels-last layout (1.9x
+    the images/s on CPU, benchmarks/embed_forward.py); the vectors are those of PyTorch's default layout."""
+    from visuray.index.ensemble import EmbeddingEnsemble, EnsembleMember, EnsembleSpec
+    from visuray.models.weights import check_pretrained, import_weights
+
+    backbone = BackboneConfig(name="tf_efficientnet_lite0", weights="efficientnet_lite0", img_size=96)
+    import_weights(str(tmp_path / "lite0"), check_pretrained(backbone))
+    spec = EnsembleSpec(members=[EnsembleMember(uri=str(tmp_path / "lite0"))])
+    served, plain = EmbeddingEnsemble.load(spec), EmbeddingEnsemble.load(spec, memory_format="contiguous")
+    convolutions = [p for p in served.models[0].parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    assert convolutions and all(p.is_contiguous(memory_format=torch.channels_last) for p in convolutions)
+    assert not all(
+        p.is_contiguous(memory_format=torch.channels_last)
+        for p in plain.models[0].parameters()
+        if p.dim() == 4 and p.shape[-1] > 1
+    )
+    images = [decode_image(textured_jpeg(s)) for s in range(4)]
+    np.testing.assert_allclose(served.embed(images), plain.embed(images), atol=1e-5)

@@ -183,6 +183,43 @@ def test_adaptive_margin_matches_brute_force() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("distance", "reduction"), [("cosine", "mean"), ("euclidean", "mean"), ("cosine", "active")]
+)
+def test_adaptive_defaults_distance_and_reduction_reach_the_loss(distance: str, reduction: str) -> None:
+    rng = np.random.default_rng(1)
+    semantic = rng.uniform(0, 1, size=(4, 4))
+    margin = MARGINS[distance] / 2
+
+    def margin_of(a: int, q: int) -> float:
+        return margin + 0.2 * float(np.float32(semantic[LABELS[a], LABELS[q]]))  # default scale 0.2
+
+    _compare(
+        AdaptiveTripletLoss(semantic, margin, distance=distance, miner=BatchAllMiner(), reduction=reduction),
+        lambda x: brute_force_batch_all(x, LABELS, margin_of, distance, reduction == "active"),
+        seed=8,
+    )
+    default = AdaptiveTripletLoss(np.zeros((4, 4)))  # margin 0.1 with batch-hard mining on cosine
+    _compare(default, lambda x: brute_force_batch_hard(x, LABELS, 0.1, "cosine"), seed=9)
+
+
+def test_adaptive_table_checks_dtype_and_state() -> None:
+    with pytest.raises(ValueError, match=r"semantic_distances must be square, got shape \(3, 4\)"):
+        AdaptiveTripletLoss(np.zeros((3, 4)))
+    with pytest.raises(ValueError, match=r"margin_scale must be non-negative \(got -0.1\)"):
+        AdaptiveTripletLoss(np.zeros((4, 4)), margin_scale=-0.1)
+    loss_fn = AdaptiveTripletLoss(np.full((4, 4), 0.5), margin_scale=0.0)  # zero scale: a fixed margin
+    # A float64 table must not turn a float32 batch's loss into float64.
+    assert loss_fn(torch.randn(len(LABELS), 3), torch.tensor(LABELS)).dtype == torch.float32
+    # The table comes from the catalog on every run: it is not part of a checkpoint.
+    assert "semantic_distances" not in loss_fn.state_dict()
+    # Labels must index the table's rows: label 4 is one past a 4-class table.
+    with pytest.raises(ValueError, match="index the 4 fine classes"):
+        loss_fn(torch.randn(5, 3), torch.tensor([0, 0, 4, 4, 1]))
+    with pytest.raises(ValueError, match="index the 4 fine classes"):
+        loss_fn(torch.randn(4, 3), torch.tensor([0, 0, -1, -1]))
+
+
 def test_adaptive_margin_is_the_fixed_one_without_semantic_distance() -> None:
     x = torch.randn(len(LABELS), 6, dtype=torch.float64)
     labels = torch.tensor(LABELS)
@@ -208,14 +245,29 @@ def brute_force_multi_similarity(x: torch.Tensor, labels: list[int], alpha: floa
     return torch.stack(per_anchor).mean()
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_multi_similarity_matches_brute_force(seed: int) -> None:
-    alpha, beta, base = 2.0, 10.0, 0.5  # beta below the default keeps exp() away from overflow here
+@pytest.mark.parametrize(
+    ("seed", "alpha", "beta", "base"),
+    # beta below the default keeps exp() away from overflow here; the second set differs from the
+    # library's own defaults in every value, so each one must be passed through.
+    [(0, 2.0, 10.0, 0.5), (1, 2.0, 10.0, 0.5), (2, 3.0, 8.0, 0.3)],
+)
+def test_multi_similarity_matches_brute_force(seed: int, alpha: float, beta: float, base: float) -> None:
     _compare(
         MultiSimilarityLoss(alpha, beta, base),
         lambda x: brute_force_multi_similarity(x, LABELS, alpha, beta, base),
         seed,
     )
+
+
+def test_pair_loss_defaults_match_brute_force_with_the_documented_values() -> None:
+    # MultiSimilarityLoss: the paper's alpha=2, beta=50, base=0.5 (float64 keeps exp(50 s) finite);
+    # ContrastiveLoss: pos_margin=0, neg_margin=0.5 on cosine distance.
+    _compare(
+        MultiSimilarityLoss(),
+        lambda x: brute_force_multi_similarity(x, LABELS, 2.0, 50.0, 0.5),
+        seed=6,
+    )
+    _compare(ContrastiveLoss(), lambda x: brute_force_contrastive(x, LABELS, 0.0, 0.5, "cosine"), seed=7)
 
 
 def brute_force_contrastive(
@@ -299,6 +351,20 @@ def test_pair_losses_learn_from_one_class_batches(name: str) -> None:
     assert x.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("name", sorted(PAIR_LOSSES))
+def test_pair_losses_count_pairs_and_agree_without_gradient(name: str) -> None:
+    loss_fn = PAIR_LOSSES[name]()
+    assert loss_fn.last_num_tuples == 0  # nothing seen yet
+    x = torch.randn(len(LABELS), 5, dtype=torch.float64)
+    with_grad = loss_fn(x.clone().requires_grad_(True), torch.tensor(LABELS))
+    n = len(LABELS)
+    assert loss_fn.last_num_tuples == n * (n - 1)  # every ordered pair is a positive or a negative one
+    with torch.no_grad():  # e.g. a validation loss: the same value, not a sign-flipped one
+        without = loss_fn(x, torch.tensor(LABELS))
+    assert with_grad.item() > 0
+    torch.testing.assert_close(without, with_grad.detach())
+
+
 def test_multi_similarity_is_finite_at_the_default_beta() -> None:
     x = torch.nn.functional.normalize(torch.randn(16, 8), dim=1).requires_grad_(True)
     loss = MultiSimilarityLoss()(x, torch.arange(16) // 4)
@@ -306,8 +372,35 @@ def test_multi_similarity_is_finite_at_the_default_beta() -> None:
     assert math.isfinite(loss.item()) and torch.isfinite(x.grad).all()
 
 
+def test_triplet_default_margin_and_logged_fractions() -> None:
+    loss_fn = TripletMarginLoss()  # margin 0.2, cosine, batch-hard
+    assert loss_fn.last_num_tuples == 0 and loss_fn.last_active_fraction == 0.0  # nothing seen yet
+    _compare(loss_fn, lambda x: brute_force_batch_hard(x, LABELS, 0.2, "cosine"), seed=10)
+    x = torch.randn(len(LABELS), 4, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    batch_all = TripletMarginLoss(margin=0.3, miner=BatchAllMiner())
+    batch_all(x, torch.tensor(LABELS))
+    hinges = [_hinge(x, a, p, q, 0.3, "cosine").item() for a, p, q in _all_triplets(LABELS)]
+    assert batch_all.last_num_tuples == len(hinges)
+    assert batch_all.last_active_fraction == pytest.approx(np.mean([h > 0 for h in hinges]))
+    assert 0 < batch_all.last_active_fraction < 1
+    batch_all(x[:4], torch.zeros(4, dtype=torch.long))  # one class: no triplet, nothing active
+    assert batch_all.last_num_tuples == 0 and batch_all.last_active_fraction == 0.0
+
+
+def test_active_reduction_with_every_triplet_satisfied_is_zero_with_a_gradient() -> None:
+    # Two tight, far-apart clusters: every triplet meets the margin, so none is active.
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.01], [-1.0, 0.0], [-1.0, 0.01]], requires_grad=True)
+    loss_fn = TripletMarginLoss(margin=0.1, miner=BatchAllMiner(), reduction="active")
+    loss = loss_fn(x, torch.tensor([0, 0, 1, 1]))
+    assert loss.item() == 0.0 and loss.requires_grad and loss_fn.last_num_tuples == 8
+    loss.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
 def test_unknown_names_are_errors() -> None:
     with pytest.raises(ValueError, match="unknown distance 'manhattan'"):
         TripletMarginLoss(distance="manhattan")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown miner 'hardest'"):
         build_miner("hardest")
+    with pytest.raises(ValueError, match=r"^unknown reduction 'sum'; use 'mean' or 'active'$"):
+        TripletMarginLoss(reduction="sum")  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from visuray.metric_learning.samplers import CategoryBalancedSampler, PKSampler
+from visuray.metric_learning.samplers import CategoryBalancedSampler, PKSampler, _ShuffledCycle
 
 pytestmark = pytest.mark.unit
 
@@ -98,9 +98,45 @@ def test_ranks_get_disjoint_batches_of_one_global_stream() -> None:
     assert len(set(as_tuples)) == len(as_tuples)
 
 
+def test_resuming_at_the_end_of_an_epoch_and_the_next_epoch_from_its_start() -> None:
+    sampler = PKSampler(LABELS, p=2, k=2, num_batches=6, seed=4)
+    sampler.set_epoch(0, start_batch=6)  # saved after the epoch's last batch
+    assert len(sampler) == 0 and list(sampler) == []
+    sampler.set_epoch(1)  # the next epoch starts at its first batch again
+    assert len(sampler) == 6 and list(sampler) == sampler.global_batches(1)
+
+
+def test_classes_of_exactly_k_items_take_each_item_once() -> None:
+    labels = [0] * 5 + [1] * 5 + [2] * 5
+    # No repeats: a class of exactly K items is not drawn with replacement.
+    for batch in PKSampler(labels, p=3, k=5, num_batches=10, seed=0):
+        assert sorted(batch) == list(range(15))
+
+
+def test_shuffled_cycle_queues_at_most_two_passes() -> None:
+    # Taking one item at a time must not queue a fresh pass per call: the queue (and the time to extend
+    # it) would grow with the number of batches of an epoch.
+    cycle = _ShuffledCycle(np.arange(50), np.random.default_rng(0))
+    taken = [item for _ in range(500) for item in cycle.take_distinct(1)]
+    assert len(cycle.order) <= 2 * 50
+    for start in range(0, 500, 50):  # whole passes: every item once per 50 takes
+        assert sorted(taken[start : start + 50]) == list(range(50))
+
+
 def test_default_length_covers_the_labelled_rows_once_per_epoch() -> None:
     assert len(PKSampler(LABELS, p=2, k=2)) == 32 // 4
     assert len(PKSampler(LABELS, p=2, k=2, world_size=2)) == 32 // 8
+    assert len(PKSampler(LABELS, p=4, k=10)) == 1  # fewer rows than one batch: still one batch
+    assert list(PKSampler(LABELS, p=2, k=2, num_batches=3)) == list(
+        PKSampler(LABELS, p=2, k=2, num_batches=3, seed=0)
+    )  # the default seed is 0
+
+
+def test_one_class_or_one_item_per_batch_is_allowed() -> None:
+    for batch in PKSampler(LABELS, p=1, k=3, num_batches=5):
+        assert len(_label_counts(batch)) == 1 and len(batch) == 3
+    for batch in PKSampler(LABELS, p=3, k=1, num_batches=5):
+        assert len(_label_counts(batch)) == 3 and len(batch) == 3
 
 
 def test_invalid_arguments() -> None:
@@ -171,8 +207,47 @@ def test_category_sampler_is_deterministic_and_splits_ranks() -> None:
     assert all(len(b) == 6 for b in stream)
 
 
+def test_category_sampler_defaults_and_seed() -> None:
+    def batches(**kwargs: int) -> list[list[int]]:
+        return list(CategoryBalancedSampler(CAT_LABELS, CAT_OF_ROW, p=3, k=2, num_batches=8, **kwargs))
+
+    explicit = list(
+        CategoryBalancedSampler(
+            CAT_LABELS, CAT_OF_ROW, p=3, k=2, single_category_prob=0.5, num_batches=8, seed=0, rank=0,
+            world_size=1,
+        )
+    )  # fmt: skip
+    assert batches() == explicit
+    assert batches(seed=1) != explicit and batches(seed=1) == batches(seed=1)
+
+
+def test_category_of_a_class_and_usable_categories() -> None:
+    # Classes 0-1: category 0 (two classes, the fewest that can host a batch); classes 2-3: no category
+    # (-1), which never groups them; class 4: mostly category 1 (one stray row of category 0).
+    labels = np.repeat(np.arange(5), 4)
+    categories = np.array([0] * 8 + [-1] * 8 + [1, 1, 1, 0])
+    sampler = CategoryBalancedSampler(labels, categories, p=2, k=2, single_category_prob=1.0, num_batches=20)
+    assert sampler.num_categories == 1
+    for batch in sampler:
+        assert {int(labels[i]) for i in batch} == {0, 1}
+
+
+def test_category_sampler_without_usable_categories_is_plain_pk_at_probability_zero() -> None:
+    sampler = CategoryBalancedSampler(
+        CAT_LABELS, np.arange(len(CAT_LABELS)) // 6, p=3, k=2, single_category_prob=0.0, num_batches=10
+    )
+    assert sampler.num_categories == 0
+    for batch in sampler:
+        counts = Counter(int(CAT_LABELS[i]) for i in batch)
+        assert len(counts) == 3 and set(counts.values()) == {2}
+    with pytest.raises(ValueError, match=r"^40 labels but 48 categories$"):
+        CategoryBalancedSampler(CAT_LABELS[:40], CAT_OF_ROW, p=2, k=2)
+
+
 def test_category_sampler_without_usable_categories_is_an_error() -> None:
-    with pytest.raises(ValueError, match="no category holds two or more classes"):
+    with pytest.raises(
+        ValueError, match="^no category holds two or more classes: single-category batches are impossible$"
+    ):
         CategoryBalancedSampler(
             CAT_LABELS, np.arange(len(CAT_LABELS)) // 6, p=2, k=2, single_category_prob=0.5
         )

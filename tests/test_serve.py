@@ -877,3 +877,84 @@ def test_a_serve_imported_before_its_mode_was_set_is_reported(before: str, after
         assert "imported when it was off" in out and "before importing Ray" in out, out
     else:
         assert out == "None"
+
+
+def test_an_application_whose_replicas_cannot_be_placed_says_which_and_is_deleted(served: Served) -> None:
+    """A second application whose embedder asks for a GPU this cluster lacks: start_serve_app gives up
+    once Serve reports its replicas waiting to be scheduled (after 3 s in the tests, 30 s by default),
+    names the deployment, what each replica asks for and the setting that fixes it, and deletes the
+    application; the session's application goes on answering."""
+    from ray import serve
+
+    from visuray.serving.start import ServeAppDidNotStartError, start_serve_app
+
+    embedder = served.args.embedder.model_copy(update={"num_gpus": 1.0})
+    wants_a_gpu = served.args.model_copy(update={"embedder": embedder})
+    started = time.monotonic()
+    with pytest.raises(ServeAppDidNotStartError) as caught:
+        start_serve_app(
+            wants_a_gpu, port=free_port(), name="unplaceable", route_prefix="/unplaceable",
+            schedule_wait_s=0, timeout_s=120, access_log=False,
+        )  # fmt: skip
+    message = str(caught.value)
+    assert time.monotonic() - started < 60, message
+    assert 'did not start: replicas of EmbeddingEnsemble (1 replica(s), each asking {"CPU": 0.25, "GPU": 1.0}) wait to be scheduled; the cluster has {"CPU": ' in message, message  # fmt: skip
+    assert "reserve 1 GPUs" in message and "num_gpus" in message, message  # what fixes it
+    assert "unplaceable" not in serve.status().applications
+    assert httpx.get(f"{served.url}/healthz", timeout=10).status_code == 200
+
+
+@pytest.mark.slow
+def test_the_shipped_serve_config_deploys_on_a_cluster_answers_and_runs_its_autoscaling(
+    served: Served, ray_head: object
+) -> None:
+    """serve/config.yaml, deployed as written with Serve's own `serve deploy` onto a `ray start` cluster
+    (only `args` point at the test's artifacts, and the port is a free one): it answers a search over
+    HTTP, and every deployment's autoscaling and request limits, read back from the running
+    application through the dashboard, are the file's."""
+    import subprocess
+    import sys
+
+    from tests.ray_head import RayHead
+
+    assert isinstance(ray_head, RayHead)
+    config = yaml.safe_load(CONFIG_FILE.read_text())
+    port = free_port()
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    app = config["applications"][0]
+    artifacts = served.args.model_dump(mode="json")
+    keys = ("model", "ensemble", "index", "catalog", "fusion", "attributes")
+    app["args"] = config_app_args(**{key: artifacts[key] for key in keys})
+    app["runtime_env"] = {"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}  # where `serve.app` is
+    path = served.tmp / "deployed-config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env, serve_cli = ray_head.client_env(), str(Path(sys.executable).parent / "serve")
+    address = ["--address", ray_head.dashboard_url]
+    deployed = subprocess.run(
+        [serve_cli, "deploy", str(path), *address], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    try:
+        auth = {"Authorization": f"Bearer {ray_head.token}"}
+        deadline, application = time.monotonic() + 300, {}
+        while application.get("status") != "RUNNING" and time.monotonic() < deadline:
+            time.sleep(1)
+            details = httpx.get(f"{ray_head.dashboard_url}/api/serve/applications/", headers=auth, timeout=30)
+            application = details.json()["applications"].get("visuray", {})
+        assert application.get("status") == "RUNNING", application.get("message")
+        url = f"http://127.0.0.1:{port}"
+        found = httpx.post(f"{url}/v1/search", **multipart(served.records["item-5"].image, k="3"), timeout=60)
+        assert found.status_code == 200 and found.json()["results"][0]["item_id"] == "item-5", found.text
+
+        running = application["deployments"]
+        for written in app["deployments"]:
+            live = running[written["name"]]
+            assert live["status"] == "HEALTHY", (written["name"], live["message"])
+            live_config = live["deployment_config"]
+            for key, value in written["autoscaling_config"].items():
+                assert live_config["autoscaling_config"][key] == value, (written["name"], key)
+            assert live_config["max_ongoing_requests"] == written["max_ongoing_requests"]
+            assert live_config["max_queued_requests"] == written["max_queued_requests"]
+            assert live_config["ray_actor_options"]["num_cpus"] == written["ray_actor_options"]["num_cpus"]
+    finally:
+        subprocess.run([serve_cli, "shutdown", "-y", *address], env=env, capture_output=True, timeout=120)

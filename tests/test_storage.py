@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import uuid
 
 import pytest
 
+from visuray import storage
 from visuray.storage import (
+    _CHUNK,
     LATEST_NAME,
     ArtifactError,
     ArtifactWriter,
@@ -117,6 +121,107 @@ def test_join_and_filesystem(tmp_path):
     assert join(str(tmp_path), "x") == str(tmp_path / "x")
     fs, path = get_filesystem("file://" + str(tmp_path))
     assert path == str(tmp_path) and fs.exists(path)
+
+
+@pytest.mark.unit
+def test_publish_on_a_remote_style_filesystem():
+    # fsspec's in-memory filesystem takes the remote path (posix joins, one write for MANIFEST and LATEST)
+    # without a server.
+    root = f"memory://visuray-tests/{uuid.uuid4().hex}/art"
+    got = roundtrip(root)
+    fs, path = get_filesystem(root)
+    assert fs.cat_file(path + "/" + LATEST_NAME).decode() == got.manifest.version
+    listed = fs.ls(path + "/versions/" + got.manifest.version, detail=False)
+    assert sorted(name.rsplit("/", 1)[-1] for name in listed) == ["MANIFEST.json", "a.bin", "sub"]
+
+
+@pytest.mark.unit
+def test_files_larger_than_a_read_chunk_are_hashed_whole(tmp_path):
+    data = os.urandom(_CHUNK + 1000)  # two reads of the streaming hash, and of put_file's copy
+    source = tmp_path / "big.bin"
+    source.write_bytes(data)
+    root = str(tmp_path / "art")
+    with ArtifactWriter(root, "test") as writer:
+        writer.put_file("big.bin", source)
+        writer.put_file("nested/again.bin", source)
+        writer.write_bytes("bytes.bin", data)
+    art = resolve_artifact(root)
+    assert {name: entry["size"] for name, entry in art.manifest.files.items()} == dict.fromkeys(
+        ("big.bin", "bytes.bin", "nested/again.bin"), len(data)
+    )
+    assert art.manifest.files["big.bin"]["sha256"] == hashlib.sha256(data).hexdigest()
+    verify_artifact(art)
+    assert art.read("nested/again.bin") == data
+    with pytest.raises(ValueError, match="invalid artifact file name"):
+        ArtifactWriter(root, "test").put_file("../escape", source)
+
+
+@pytest.mark.unit
+def test_leaving_the_block_publishes_with_kind_options_and_text(tmp_path):
+    root = str(tmp_path / "art")
+    options = StorageOptions(region="eu-west-1")
+    with ArtifactWriter(root, "catalog", options) as writer:
+        writer.write_text("notes.txt", "café")  # no publish() call: leaving the block publishes
+    assert writer.published is not None and writer.published.options is options
+    art = resolve_artifact(root, options)
+    assert art.manifest.kind == "catalog" and art.options is options
+    assert art.read("notes.txt") == "café".encode()
+    assert art.file_uris(".txt") == [join(art.uri, "notes.txt")] and art.file_uris(".bin") == []
+
+
+@pytest.mark.unit
+def test_abort_twice_and_unknown_names(tmp_path):
+    writer = ArtifactWriter(str(tmp_path / "art"), "test")
+    writer.abort()
+    writer.abort()  # the folder is already gone: nothing to do, no error
+    art = publish(str(tmp_path / "other"), {"x": b"1"})
+    with pytest.raises(ArtifactError, match=r"^'nope' is not part of the artifact at .*other"):
+        art.read("nope")
+    with pytest.raises(ArtifactError, match=r"^'nope' is not part of the artifact at .*other"):
+        art.file_uri("nope")
+
+
+@pytest.mark.unit
+def test_storage_options_reach_every_filesystem_of_the_artifact(tmp_path, monkeypatch):
+    # The options (endpoint, credentials) of an artifact must reach every filesystem that writes or reads it.
+    options = StorageOptions(region="eu-west-1")
+    publish(str(tmp_path / "art"), {"x": b"1"}, options)
+    seen = []
+    real = storage.get_filesystem
+
+    def spy(uri, opts=None):
+        seen.append(opts)
+        return real(uri, opts)
+
+    monkeypatch.setattr(storage, "get_filesystem", spy)
+    published = publish(str(tmp_path / "art"), {"x": b"2"}, options)  # the writer's folder and LATEST too
+    resolved = resolve_artifact(str(tmp_path / "art"), options)
+    resolved.read("x")
+    verify_artifact(resolved)
+    by_version = resolve_artifact(published.uri, options)  # a version folder resolves with them as well
+    assert by_version.options is options and by_version.read("x") == b"2"
+    assert len(seen) >= 6 and all(opts is options for opts in seen)
+
+
+@pytest.mark.unit
+def test_resolved_and_published_artifacts_know_their_root(tmp_path):
+    root = str(tmp_path / "art")
+    art = publish(root, {"x": b"1", "y.txt": b"2"})
+    assert art.root == root and resolve_artifact(root).root == root
+    assert resolve_artifact(art.uri).root == art.uri  # resolved from its version folder: that is its root
+    assert art.file_uris() == [join(art.uri, "x"), join(art.uri, "y.txt")]  # no suffix: every file
+
+
+@pytest.mark.unit
+def test_publish_catches_a_same_size_change_after_writing(tmp_path):
+    root = str(tmp_path / "art")
+    writer = ArtifactWriter(root, "test")
+    writer.write_bytes("x", b"original")
+    (tmp_path / "art" / "versions" / writer.version / "x").write_bytes(b"tampered")  # same length
+    with pytest.raises(ArtifactError, match=r"^verification failed for x in .*: written data differs$"):
+        writer.publish()
+    with pytest.raises(ArtifactError, match="no published artifact"):
+        resolve_artifact(root)
 
 
 @pytest.mark.s3

@@ -21,11 +21,13 @@ from visuray.config import ConfigError, config_to_yaml, validate_config, yaml_lo
 from visuray.errors import VisurayError
 
 if TYPE_CHECKING:
+    from visuray.cluster import StopRequested
     from visuray.serving.args import ServeAppArgs
 
-# What `visuray serve` gives Serve's graceful shutdown and the cluster's on SIGINT / SIGTERM: inside the
-# 30 s that Kubernetes' default terminationGracePeriodSeconds leaves before SIGKILL.
-SERVE_STOP_TIMEOUT_S = 25.0
+# What `visuray serve`, `run` and `demo` give Serve's graceful shutdown and the cluster's on SIGINT /
+# SIGTERM: inside the 30 s that Kubernetes' default terminationGracePeriodSeconds leaves before SIGKILL.
+STOP_TIMEOUT_S = 25.0
+VERBOSE_HELP = "debug logging, and Ray's and DeepSpeed's own output (workers' lines) on the console"
 
 log = logging.getLogger("visuray")
 
@@ -86,9 +88,43 @@ def cmd_run(args: argparse.Namespace) -> None:
     if args.print_config:
         print(config_to_yaml(cfg))
         return
+    from visuray.cluster import StopRequested, stop_on_signals
+
     ensure_ray(num_cpus=args.num_cpus)
-    log.info("running %s job %r on the local Ray cluster", kind.name, getattr(cfg, "name", kind.name))
-    _print_json(kind.run(cfg))
+    name = getattr(cfg, "name", kind.name)
+    log.info("running %s job %r on the local Ray cluster", kind.name, name)
+    with stop_on_signals():
+        try:
+            summary = kind.run(cfg)
+        except StopRequested as stop:
+            rerun = "when run again with the same name and run_dir"
+            stop_after_signal(stop, f"{kind.name} job {name!r}", rerun)
+            return
+    _print_json(summary)
+
+
+def stop_after_signal(stop: StopRequested, what: str, rerun: str) -> None:
+    """After SIGINT / SIGTERM stopped ``what`` (a job, the demo): shut the cluster down (or leave a
+    cluster of one's own, ``RAY_ADDRESS``) within :data:`STOP_TIMEOUT_S` and say in one line what was
+    stopped and, for a training run, where it resumes from ``rerun`` (how it is started again)."""
+    import ray
+
+    from visuray.cluster import stop_within
+    from visuray.train.progress import last_run
+
+    shutdown = "the Ray cluster" if not os.environ.get("RAY_ADDRESS") else "the connection"
+    took, unfinished = stop_within([(shutdown, ray.shutdown)], STOP_TIMEOUT_S)
+    run = last_run()
+    if run is not None and run.step != run.total_steps:
+        at = f"step {run.step}" if run.step is not None else "its start"
+        where = f"{run.label} stopped at {at} of {run.total_steps}; it {run.resume_text()} {rerun}"
+    else:
+        where = f"{what} stopped; nothing half-written was published"
+    if unfinished:
+        print(f"stopped on {stop.signal.name} after {took:.0f} s without a clean shutdown of "
+              f"{shutdown}: {where}", flush=True)  # fmt: skip
+        os._exit(1)  # the stuck shutdown holds locks that a normal interpreter exit would wait on
+    print(f"stopped on {stop.signal.name} ({shutdown} shut down in {took:.1f} s): {where}", flush=True)
 
 
 def cmd_ingest(args: argparse.Namespace) -> None:
@@ -224,7 +260,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         print(
             f"warning: {problem}; until then its replicas wait to be scheduled", file=sys.stderr, flush=True
         )
-    url = start_serve_app(app_args, host=args.host, port=args.port)
+    wait = args.wait_for_resources
+    url = start_serve_app(
+        app_args, host=args.host, port=args.port, schedule_wait_s=wait, timeout_s=max(180.0, wait + 60)
+    )
     print(f"serving on {url} (Ctrl-C or SIGTERM to stop)", flush=True)
     for direct in direct_ingress_urls(APP_NAME):  # RAY_SERVE_THROUGHPUT_OPTIMIZED=1: no proxy hop there
         print(f"direct ingress: {direct}", flush=True)
@@ -238,7 +277,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             (f"the {APP_NAME!r} application", lambda: serve.delete(APP_NAME)),
             ("the connection", ray.shutdown),
         ]
-    took, unfinished = stop_within(steps, SERVE_STOP_TIMEOUT_S)
+    took, unfinished = stop_within(steps, STOP_TIMEOUT_S)
     if unfinished:
         print(
             f"stopped on {received.name} after {took:.0f} s without a clean shutdown of "
@@ -302,10 +341,17 @@ def cmd_import_weights(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    from visuray.cluster import StopRequested, stop_on_signals
     from visuray.demo import DemoOptions, run_demo
 
     opts = DemoOptions(output=args.output, port=args.port, steps=args.steps, num_cpus=args.num_cpus)
-    summary = run_demo(opts)
+    with stop_on_signals():
+        try:
+            summary = run_demo(opts)
+        except StopRequested as stop:
+            rerun = f"when `visuray demo --output {args.output}` runs again (finished stages' runs too)"
+            stop_after_signal(stop, "the demo", rerun)
+            return
     print(f"\nreport: {summary['report']}")
 
 
@@ -315,12 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="visuray",
         description="Visuray: train, index and serve visual-search models on Ray.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_: str, func: Any) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(func=func)
+        # Also after the command (`visuray run spec.yaml -v`); SUPPRESS keeps the top-level value otherwise.
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
         return p
 
     def add_overrides(p: argparse.ArgumentParser) -> None:
@@ -432,6 +480,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     add_num_cpus(p)
+    p.add_argument(
+        "--wait-for-resources",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long replicas may wait to be scheduled before it gives up, says which and exits 1 (default "
+        "30; Serve reports a wait after 30 s at the earliest); raise it where an autoscaler adds nodes",
+    )
 
     p = add(
         "import-weights",
@@ -485,6 +541,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    from visuray.train.progress import enable_progress
+
+    enable_progress()  # one display per training run; it also knows where a stopped run resumes
+    if not args.verbose:  # Ray's and DeepSpeed's internals stay in Ray's log files
+        from visuray.cluster import quiet_ray_console
+
+        quiet_ray_console()
     # Read by Ray when first imported (below, by the command): Ray Serve's throughput-optimised path, a
     # longer wait for a new embedded cluster's dashboard.
     apply_ray_env_defaults()
@@ -500,6 +563,23 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    except Exception as exc:
+        if args.verbose or not is_training_failure(exc):
+            raise
+        # A worker's error arrives wrapped in Ray Train's, with both tracebacks: one line instead, and
+        # where the whole of it is.
+        from visuray.cluster import ray_log_dir
+        from visuray.train.progress import training_failure_summary
+
+        print(f"error: training failed: {training_failure_summary(exc)}", file=sys.stderr)
+        print(f"(the workers' tracebacks: {ray_log_dir()}/worker-*.err, or rerun with -v)", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def is_training_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is Ray Train's report of a failed run (checked without importing Ray)."""
+    train = sys.modules.get("ray.train")
+    return train is not None and isinstance(exc, train.TrainingFailedError)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,20 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Train V2 is the API Visuray is written against (ray.train.report / get_checkpoint semantics).
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Ray Train V2 moves every training worker into a directory of its own run by default, so a job spec's
+# relative paths (``catalog: ./runs/catalogs/x``, what `visuray run` from a project folder passes) would
+# name nothing there. Read where the trainer is built (the driver), so it is set on import.
+os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
 
 # Ray Serve's throughput-optimised request path: each router replica also answers HTTP on a port of its
 # own (30000 and up, see ``visuray.serving.direct_ingress_urls``), deployments call each other over gRPC,
@@ -73,6 +80,30 @@ def serve_env_mismatch() -> str | None:
     )
 
 
+@dataclass
+class _ConsoleSettings:
+    """Whether Ray's own output reaches this process's console, set by :func:`quiet_ray_console`."""
+
+    worker_logs: bool = True  # every worker's and actor's stdout/stderr, prefixed "(RayTrainWorker pid=..)"
+    log_dir: str | None = None  # where they go instead: the cluster's session logs
+
+
+_CONSOLE = _ConsoleSettings()
+
+
+def quiet_ray_console() -> None:
+    """Keep Ray's internals off this process's console: the workers' output (Ray Train's per-report
+    lines, DeepSpeed's start-up chatter) stays in the cluster's log files, and Ray's own driver-side
+    logger says only errors. What a person needs comes from Visuray instead (progress displays, errors).
+    Call before :func:`ensure_ray`; ``visuray --verbose`` does not call it."""
+    _CONSOLE.worker_logs = False
+
+
+def ray_log_dir() -> str | None:
+    """The connected cluster's log folder on this machine (for messages that point at it)."""
+    return _CONSOLE.log_dir
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> None:
     """Initialise Ray once: connect to ``address`` (or ``RAY_ADDRESS``), else start an embedded cluster.
 
@@ -85,14 +116,21 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, **kwargs
         return
     address = address or os.environ.get("RAY_ADDRESS")
     env_vars = {"RAY_TRAIN_V2_ENABLED": "1"}
+    kwargs.setdefault("log_to_driver", _CONSOLE.worker_logs)
+    if not _CONSOLE.worker_logs:  # Ray's driver-side logger: errors only
+        kwargs.setdefault("logging_level", logging.ERROR)
     if address:
         log.info("connecting to the Ray cluster at %s", address)
         # Inside a submitted job the job's runtime env (which sets RAY_TRAIN_V2_ENABLED) already applies;
         # Ray refuses a driver runtime env that repeats its keys.
-        ray.init(address=address, **kwargs)
+        context = ray.init(address=address, **kwargs)
     else:
         log.info("starting an embedded local Ray cluster")
-        ray.init(**embedded_cluster_options(num_cpus, env_vars, **kwargs))
+        context = ray.init(**embedded_cluster_options(num_cpus, env_vars, **kwargs))
+    session_dir = context.address_info.get("session_dir")
+    _CONSOLE.log_dir = os.path.join(session_dir, "logs") if session_dir else None
+    if not _CONSOLE.worker_logs:
+        log.info("Ray's own logs (workers, DeepSpeed): %s; --verbose shows them here", _CONSOLE.log_dir)
 
 
 def embedded_cluster_options(
@@ -139,25 +177,90 @@ def shutdown_ray() -> None:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def wait_for_stop_signal(poll_s: float = 0.5) -> signal.Signals:
-    """Block until SIGINT or SIGTERM arrives (main thread only); return which.
+class StopRequested(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived while :func:`stop_on_signals` was in force. A KeyboardInterrupt, so that
+    what Ray does on Ctrl-C inside a blocking call (leave it, keep the cluster usable) happens here too and
+    no ``except Exception`` on the way swallows it."""
 
-    Both are handled here, so neither interrupts the stop that follows halfway (Ray's own SIGTERM
-    handling ends a driver with a native stack dump). Once one has arrived, a second one ends the
-    process at once (exit 128 + its number): the way out if stopping hangs.
-    """
+    def __init__(self, received: signal.Signals) -> None:
+        super().__init__(received.name)
+        self.signal = received
+
+
+def _handle_stop_signals(on_first: Callable[[signal.Signals], None]) -> None:
+    """Handle SIGINT and SIGTERM here (Ray's own SIGTERM handling ends a driver with a native stack dump):
+    the first one calls ``on_first``; once one has arrived, a second one ends the process at once
+    (exit 128 + its number), the way out if stopping hangs."""
     received: list[signal.Signals] = []
 
     def handle(signum: int, _frame: Any) -> None:
         if received:
             os._exit(128 + signum)
         received.append(signal.Signals(signum))
+        on_first(received[0])
 
     for stop_signal in STOP_SIGNALS:
         signal.signal(stop_signal, handle)
+
+
+def wait_for_stop_signal(poll_s: float = 0.5) -> signal.Signals:
+    """Block until SIGINT or SIGTERM arrives (main thread only); return which. Neither interrupts the stop
+    that follows halfway; a second one ends the process at once."""
+    received: list[signal.Signals] = []
+    _handle_stop_signals(received.append)
     while not received:
         time.sleep(poll_s)  # handlers run between these sleeps
     return received[0]
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Within the block (main thread only), SIGINT or SIGTERM raises :class:`StopRequested` where the main
+    thread is, e.g. in a training run's ``fit()``; a second signal ends the process at once. The caller
+    catches it, stops what it started and says so. Python's handlers are back after the block."""
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+    def raise_stop(received: signal.Signals) -> None:
+        raise StopRequested(received)
+
+    _handle_stop_signals(raise_stop)
+    _STOPPABLE.set()
+    try:
+        yield
+    finally:
+        _STOPPABLE.clear()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+_STOPPABLE = threading.Event()  # set while stop_on_signals is in force
+
+
+def run_stoppable(call: Callable[[], T]) -> T:
+    """``call()``; while :func:`stop_on_signals` is in force, in a helper thread, the main thread waiting.
+
+    Two reasons: a signal then reaches the main thread within a fraction of a second, and a library that
+    installs its own SIGINT handler in the main thread cannot take the signal over (Ray Train's ``fit()``
+    does: it aborts the run, then exits the process without a word). Elsewhere (a library caller, a
+    test) ``call`` runs here, with the caller's own signal handling.
+    """
+    if not _STOPPABLE.is_set() or threading.current_thread() is not threading.main_thread():
+        return call()
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread as it is
+            outcome["error"] = exc
+
+    helper = threading.Thread(target=run, name="visuray-stoppable", daemon=True)
+    helper.start()
+    while helper.is_alive():
+        helper.join(0.2)  # signal handlers run between these waits
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def stop_within(

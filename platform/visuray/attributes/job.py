@@ -81,7 +81,7 @@ def run_train_attributes(cfg: AttributeTrainConfig, callbacks: Sequence[Any] = (
         [g.name for g in data.space.groups],
         *(len(data.splits[s]) for s in ("train", "val", "test")),
     )
-    result, summary = fit_checkpointed(build_trainer(cfg, model_cfg, callbacks), "train_attributes", cfg.name)
+    result, summary = fit_checkpointed(build_trainer(cfg, model_cfg, callbacks), "train_attributes", cfg)
     model = build_attribute_model(model_cfg)
     state = load_train_checkpoint(result.checkpoint, model)
 

@@ -280,7 +280,7 @@ def query_over_http(
 def run_demo(opts: DemoOptions) -> dict[str, Any]:
     from visuray.catalog.sample import SAMPLE_NAME, read_sample_metadata
     from visuray.cluster import ensure_ray
-    from visuray.demo.report import baseline_table, write_report
+    from visuray.demo.report import baseline_table, dino_adaptation_note, write_report
     from visuray.demo.specs import DEMO_STEPS
     from visuray.models.weights import check_pretrained, import_weights
 
@@ -311,6 +311,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     )
     run.done("report")
     dino, train, fusion = done["dino"], done["train"], done["fusion"]
+    dino_note = dino_adaptation_note(baselines, dino.get("steps", 0))
     report = write_report(
         run.out / "report.html",
         results,
@@ -321,7 +322,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         composed_metrics=fusion_metrics,
         composed_chance=composed_chance,
         served_by=models,
-        retrieval_note=RETRIEVAL_NOTE,
+        retrieval_note=" ".join(filter(None, [RETRIEVAL_NOTE, dino_note])),
         facts={
             "catalog items": done["ingest"].get("num_ok"),
             "skipped images": done["ingest"].get("num_skipped"),
@@ -359,6 +360,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     )
     for row in baselines:
         print(f"  {row['embedding']:<28} recall@1 {row['recall@1']:.3f}  map@r {row['map@r']:.3f}")
+    if dino_note:
+        print(dino_note)
     print(f"wall time {time.monotonic() - run.started:.0f} s; stages (s): {run.stage_s}", flush=True)
     return {
         "report": str(report),
@@ -369,6 +372,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         "composed_chance": composed_chance,
         "baselines": baselines,
         "dino": {k: dino.get(k) for k in ("steps", "final_loss", "model_version")},
+        "dino_note": dino_note,
         "fusion_metrics": fusion_metrics,
         "stage_s": run.stage_s,
     }

@@ -82,7 +82,7 @@ def run_train_fusion(cfg: FusionTrainConfig, callbacks: Sequence[Any] = ()) -> d
         cfg.output,
         TEMPLATED_TEXT_NOTE,
     )
-    result, summary = fit_checkpointed(build_trainer(cfg, tokenizer, callbacks), "train_fusion", cfg.name)
+    result, summary = fit_checkpointed(build_trainer(cfg, tokenizer, callbacks), "train_fusion", cfg)
     objective = build_objective(cfg)
     state = load_train_checkpoint(result.checkpoint, objective)
     metrics = summary.get("metrics", {})

@@ -151,6 +151,7 @@ def embed_catalog_with_report(
 
     from visuray.catalog.readers import read_catalog_dataset
     from visuray.storage import absolute_uri, resolve_artifact
+    from visuray.train.progress import ItemProgress
 
     # Pinned to absolute version folders: every actor loads the same models whatever its working directory.
     encoder, model_version, description = pin_encoder(model, options)
@@ -166,6 +167,12 @@ def embed_catalog_with_report(
     remote_args: dict[str, Any] = {"num_cpus": num_cpus_per_actor}
     if use_gpu:
         remote_args["num_gpus"] = 1
+    total = catalog.manifest.metadata.get("num_items")
+    progress = ItemProgress("embedding the catalog", int(total) if total else None)
+    if progress.enabled:  # this display instead of Ray Data's (ten lines every 10 s where not a terminal);
+        # set before the dataset exists, which keeps a copy of the context
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     # Blocks of one batch each (streaming, no shuffle): a few small shards are read as a single block,
     # which one actor would otherwise embed alone while the rest of the pool idles.
     blocks = read_catalog_dataset(catalog, options, columns=["item_id", "image"]).repartition(
@@ -188,11 +195,13 @@ def embed_catalog_with_report(
     chunks: list[np.ndarray] = []
     skipped: dict[str, str] = {}
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        progress.advance(len(batch["item_id"]))
         ok = batch["error"] == ""
         for item_id, error in zip(batch["item_id"][~ok], batch["error"][~ok], strict=True):
             skipped[str(item_id)] = str(error)
         ids.extend(str(i) for i in batch["item_id"][ok])
         chunks.append(np.asarray(batch["embedding"][ok], dtype=np.float32))
+    progress.close()
     if skipped:
         log.warning(
             "skipped %d item(s) whose image did not decode, e.g. %s", len(skipped), next(iter(skipped))

@@ -69,7 +69,7 @@ def run_finetune(cfg: FinetuneConfig, callbacks: Sequence[Any] = ()) -> dict[str
     ensure_ray()
     cfg = with_checked_weights(cfg)
     log.info("finetune %r: %d steps on %s -> %s", cfg.name, cfg.train.steps, cfg.catalog, cfg.output)
-    result, summary = fit_checkpointed(build_trainer(cfg, callbacks), "finetune", cfg.name)
+    result, summary = fit_checkpointed(build_trainer(cfg, callbacks), "finetune", cfg)
     # The summary comes from rank 0's return value, with the checkpoint's own state as the fallback.
     model = build_embedding_model(cfg.model)
     state = load_train_checkpoint(result.checkpoint, model)

@@ -127,7 +127,7 @@ def run_pretrain(cfg: PretrainConfig, callbacks: Sequence[Any] = ()) -> dict[str
     ensure_ray()
     cfg = with_checked_weights(cfg)
     log.info("pretrain %r: %d steps on %s -> %s", cfg.name, cfg.train.steps, cfg.catalog, cfg.output)
-    result, summary = fit_checkpointed(build_trainer(cfg, callbacks), "pretrain", cfg.name)
+    result, summary = fit_checkpointed(build_trainer(cfg, callbacks), "pretrain", cfg)
     with result.checkpoint.as_directory() as directory:
         state = read_checkpoint_state(directory)
         teacher = load_teacher_tensors(directory)

@@ -64,15 +64,21 @@ def build_torch_trainer(
     )
 
 
-def fit_checkpointed(trainer: Any, job: str, name: str) -> tuple[Any, dict[str, Any]]:
-    """Run ``trainer.fit()`` (it raises TrainingFailedError when the run fails); return the ``Result`` and
-    rank 0's return value (the loop's summary; empty when there is none).
+def fit_checkpointed(trainer: Any, job: str, cfg: Any) -> tuple[Any, dict[str, Any]]:
+    """Run ``trainer.fit()`` (it raises TrainingFailedError when the run fails) for the job config ``cfg``
+    (its ``name`` and ``train.steps``), with a progress display where the command line turned one on
+    (:mod:`visuray.train.progress`); return the ``Result`` and rank 0's return value (the loop's summary;
+    empty when there is none).
 
     Result.metrics and Result.checkpoint describe the latest *checkpointed* report only (metrics reported
     without a checkpoint are not kept), so every job's loop checkpoints its last step: a result without a
-    checkpoint is an error that names the ``job`` kind, the run ``name`` and the run's path.
+    checkpoint is an error that names the ``job`` kind, the run's name and the run's path.
     """
-    result = trainer.fit()
+    from visuray.cluster import run_stoppable
+    from visuray.train.progress import training_progress
+
+    with training_progress(trainer, f"{job} {cfg.name!r}", cfg.train.steps):
+        result = run_stoppable(trainer.fit)
     if result.checkpoint is None:
-        raise RuntimeError(f"{job} run {name!r} finished without a checkpoint at {result.path}")
+        raise RuntimeError(f"{job} run {cfg.name!r} finished without a checkpoint at {result.path}")
     return result, dict(result.return_value or {})
