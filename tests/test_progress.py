@@ -46,10 +46,10 @@ def test_the_progress_line_shows_step_loss_throughput_eta_and_a_bar_only_on_a_te
     run.update(report(10, **{"train/images_per_s": 24.04}))  # the first report, seen at 100 s
     now[0] = 130.0
     run.step = 40  # 30 steps in 30 s: 60 left take 60 s
-    assert run.line(bar=False) == "pretrain 'p' step 40/100 loss 0.5000 24.0 img/s ETA 1:00"
+    assert run.line(with_bar=False) == "pretrain 'p' step 40/100 loss 0.5000 24.0 img/s ETA 1:00"
     run.checkpointed = True
-    assert run.line(bar=True).startswith("pretrain 'p' [########............] step 40/100")
-    assert run.line(bar=True).endswith("(checkpoint)")
+    assert run.line(with_bar=True).startswith("pretrain 'p' [########............] step 40/100")
+    assert run.line(with_bar=True).endswith("(checkpoint)")
 
 
 def test_durations_read_as_minutes_or_hours() -> None:

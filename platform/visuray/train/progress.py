@@ -44,7 +44,6 @@ class RunProgress:
     checkpoint_path: str | None = None
     checkpointed: bool = False  # whether the latest report wrote a checkpoint
     errors: list[str] = field(default_factory=list)
-    started: float = field(default_factory=time.monotonic)
     first_report: tuple[float, int] | None = None  # (when, step) of the first report, for the ETA
 
     def update(self, item: dict[str, Any]) -> None:
@@ -74,13 +73,12 @@ class RunProgress:
         elapsed = (now if now is not None else time.monotonic()) - since
         return elapsed / done * max(self.total_steps - self.step, 0)
 
-    def line(self, bar: bool) -> str:
+    def line(self, with_bar: bool) -> str:
         """The progress as one line: with a ``[###...]`` bar on a terminal."""
         step = self.step if self.step is not None else self.start_step
         parts = [self.label]
-        if bar:
-            filled = round(BAR_WIDTH * step / max(self.total_steps, 1))
-            parts.append("[" + "#" * filled + "." * (BAR_WIDTH - filled) + "]")
+        if with_bar:
+            parts.append(bar(step / max(self.total_steps, 1)))
         parts.append(f"step {step}/{self.total_steps}")
         if self.loss is not None:
             parts.append(f"loss {self.loss:.4f}")
@@ -100,6 +98,17 @@ class RunProgress:
         if self.start_step:
             return f"resumes from step {self.start_step} (the checkpoint it started from)"
         return "has no checkpoint yet: a rerun starts from step 0"
+
+
+def bar(fraction: float) -> str:
+    """``[#####...............]``: ``fraction`` (0 to 1) of :data:`BAR_WIDTH`."""
+    filled = round(BAR_WIDTH * min(max(fraction, 0.0), 1.0))
+    return "[" + "#" * filled + "." * (BAR_WIDTH - filled) + "]"
+
+
+def redraw(stream: TextIO, text: str) -> None:
+    """Replace the terminal's current line with ``text`` (no newline)."""
+    stream.write("\r\x1b[2K" + text)
 
 
 def format_duration(seconds: float) -> str:
@@ -130,14 +139,6 @@ def enable_progress(stream: TextIO | None = None, interactive: bool | None = Non
     _CONSOLE.interactive = (stream or sys.stderr).isatty() if interactive is None else interactive
 
 
-def disable_progress() -> None:
-    _CONSOLE.enabled = False
-
-
-def progress_enabled() -> bool:
-    return _CONSOLE.enabled
-
-
 class ItemProgress:
     """A progress display for work counted in items (embedding a catalog): a bar redrawn in place on a
     terminal, elsewhere a plain line every :data:`PLAIN_EVERY_S` and at the end. Silent unless
@@ -162,9 +163,8 @@ class ItemProgress:
         elapsed = max(now - self.started, 1e-9)
         parts = [self.label]
         if self.total:
-            filled = round(BAR_WIDTH * min(self.done / self.total, 1.0))
             if self.interactive:
-                parts.append("[" + "#" * filled + "." * (BAR_WIDTH - filled) + "]")
+                parts.append(bar(self.done / self.total))
             parts.append(f"{self.done}/{self.total} items")
         else:
             parts.append(f"{self.done} items")
@@ -178,7 +178,7 @@ class ItemProgress:
             return
         self._last_line = now
         if self.interactive:
-            self.stream.write("\r\x1b[2K" + self.line(now) + ("\n" if final else ""))
+            redraw(self.stream, self.line(now) + ("\n" if final else ""))
         else:
             self.stream.write(self.line(now) + "\n")
         self.stream.flush()
@@ -309,13 +309,13 @@ class _Display:
             if "error" in item:
                 self._write(f"{self.progress.label}: {item['error']}", newline=True)
             elif not self.interactive:
-                self._write(self.progress.line(bar=False))
+                self._write(self.progress.line(with_bar=False))
         if items and self.interactive:
-            self._write(self.progress.line(bar=True))
+            self._write(self.progress.line(with_bar=True))
 
     def _write(self, text: str, newline: bool = False) -> None:
         if self.interactive and not newline:
-            self.stream.write("\r\x1b[2K" + text)  # redraw the one line in place
+            redraw(self.stream, text)
             self._drawn = True
         else:
             if self.interactive and self._drawn:
