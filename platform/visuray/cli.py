@@ -12,8 +12,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from visuray.cluster import apply_ray_env_defaults
@@ -109,22 +110,37 @@ def stop_after_signal(stop: StopRequested, what: str, rerun: str) -> None:
     stopped and, for a training run, where it resumes from ``rerun`` (how it is started again)."""
     import ray
 
-    from visuray.cluster import stop_within
     from visuray.train.progress import last_run
 
     shutdown = "the Ray cluster" if not os.environ.get("RAY_ADDRESS") else "the connection"
-    took, unfinished = stop_within([(shutdown, ray.shutdown)], STOP_TIMEOUT_S)
     run = last_run()
     if run is not None and run.step != run.total_steps:
         at = f"step {run.step}" if run.step is not None else "its start"
         where = f"{run.label} stopped at {at} of {run.total_steps}; it {run.resume_text()} {rerun}"
     else:
         where = f"{what} stopped; nothing half-written was published"
+    stop_and_say(
+        stop.signal, [(shutdown, ray.shutdown)], lambda took: f" ({shutdown} shut down in {took:.1f} s): {where}",
+        unfinished_tail=f": {where}",
+    )  # fmt: skip
+
+
+def stop_and_say(
+    received: signal.Signals,
+    steps: list[tuple[str, Callable[[], object]]],
+    done: Callable[[float], str],
+    unfinished_tail: str = "",
+) -> None:
+    """Run the stop ``steps`` within :data:`STOP_TIMEOUT_S` and say so in one line: ``stopped on <signal>``
+    and ``done(seconds)``; when a step did not finish, which ones, and exit 1 at once."""
+    from visuray.cluster import stop_within
+
+    took, unfinished = stop_within(steps, STOP_TIMEOUT_S)
     if unfinished:
-        print(f"stopped on {stop.signal.name} after {took:.0f} s without a clean shutdown of "
-              f"{shutdown}: {where}", flush=True)  # fmt: skip
+        print(f"stopped on {received.name} after {took:.0f} s without a clean shutdown of "
+              f"{' and '.join(unfinished)}{unfinished_tail}", flush=True)  # fmt: skip
         os._exit(1)  # the stuck shutdown holds locks that a normal interpreter exit would wait on
-    print(f"stopped on {stop.signal.name} ({shutdown} shut down in {took:.1f} s): {where}", flush=True)
+    print(f"stopped on {received.name}{done(took)}", flush=True)
 
 
 def cmd_ingest(args: argparse.Namespace) -> None:
@@ -236,7 +252,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from visuray.cluster import ensure_ray, stop_within, wait_for_stop_signal
+    from visuray.cluster import ensure_ray, wait_for_stop_signal
     from visuray.serving import APP_NAME, ServeAppArgs, direct_ingress_urls, start_serve_app
 
     data: dict[str, Any] = {}
@@ -277,16 +293,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             (f"the {APP_NAME!r} application", lambda: serve.delete(APP_NAME)),
             ("the connection", ray.shutdown),
         ]
-    took, unfinished = stop_within(steps, STOP_TIMEOUT_S)
-    if unfinished:
-        print(
-            f"stopped on {received.name} after {took:.0f} s without a clean shutdown of "
-            f"{' and '.join(unfinished)}",
-            flush=True,
-        )
-        os._exit(1)  # the stuck shutdown holds locks that a normal interpreter exit would wait on
     done = " and ".join(name for name, _ in steps)
-    print(f"stopped on {received.name}: requests drained, {done} shut down in {took:.1f} s", flush=True)
+    stop_and_say(received, steps, lambda took: f": requests drained, {done} shut down in {took:.1f} s")
 
 
 class ServeAppDoesNotFitError(VisurayError):
