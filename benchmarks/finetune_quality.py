@@ -34,10 +34,11 @@ ingest job (label = ``articleType``, category = ``subCategory``, title = ``produ
   ``load_pretrained``: the L2-normalised pooled features, no training; ``lite0`` only); the SSL
   checkpoint as is (``--ssl-model``, a pretrain job's model artifact; skipped when not given); and the
   trained rows (``--rows``; default: multi-similarity, the finetune job's default objective; triplet
-  with batch-all / batch-hard / semi-hard mining and ATL stay available), from the backbone's starting
+  with batch-all / batch-hard / semi-hard mining, ATL, and multi-similarity and ATL with category-favouring
+  batches, ``train.single_category_prob`` 0.5, stay available), from the backbone's starting
   weights (or from ``--ssl-model`` with ``--init-from-ssl``). Every trained row gets the same budget:
   ``--steps`` AdamW steps at peak lr ``--lr`` (warm-up 10 %, cosine decay to 1e-6, weight decay 0.05,
-  gradient norm clipped at 3), P x K = 8 x 4, ``--img-size`` px, ``--freeze-blocks``, seed 0; its
+  gradient norm clipped at 3), P x K = 8 x 4, ``--img-size`` px, ``--freeze-blocks``, ``--seed``; its
   wall-clock training time and the load average are recorded beside it.
 - Training runs in this process with the job's own pieces (:func:`visuray.metric_learning.job.with_checked_weights`,
   ``build_loss``, ``build_sampler``, ``training_labels``, ``finetune_param_groups``, ``train_transform``,
@@ -77,12 +78,19 @@ if TYPE_CHECKING:
     from visuray.models.config import BackboneConfig, EmbeddingModelConfig
 
 NO_LABEL = -1
+# Each trained row: the finetune job's ``loss`` section, and what it sets in ``train`` beyond the budget.
+CATEGORY_BATCHES = {"single_category_prob": 0.5}  # the share the job's field description suggests
 TRAINED_ROWS: dict[str, dict[str, Any]] = {
-    "multi-similarity": {"name": "multi_similarity"},
-    "triplet batch-all": {"name": "triplet", "miner": "batch_all"},
-    "triplet batch-hard": {"name": "triplet", "miner": "batch_hard"},
-    "triplet semi-hard": {"name": "triplet", "miner": "semi_hard"},
-    "ATL (title clusters)": {"name": "adaptive_triplet", "miner": "batch_all", "margin": 0.1},
+    "multi-similarity": {"loss": {"name": "multi_similarity"}},
+    "multi-similarity, category batches": {"loss": {"name": "multi_similarity"}, "train": CATEGORY_BATCHES},
+    "triplet batch-all": {"loss": {"name": "triplet", "miner": "batch_all"}},
+    "triplet batch-hard": {"loss": {"name": "triplet", "miner": "batch_hard"}},
+    "triplet semi-hard": {"loss": {"name": "triplet", "miner": "semi_hard"}},
+    "ATL (title clusters)": {"loss": {"name": "adaptive_triplet", "miner": "batch_all", "margin": 0.1}},
+    "ATL (title clusters), category batches": {
+        "loss": {"name": "adaptive_triplet", "miner": "batch_all", "margin": 0.1},
+        "train": CATEGORY_BATCHES,
+    },
 }
 DEFAULT_ROWS = ["multi-similarity"]  # the finetune job's default objective
 # Per backbone: the defaults of the arguments left unset on the command line.
@@ -221,6 +229,9 @@ def protocol_arguments(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="the untrained rows (--no-baselines: trained rows only, e.g. while tuning)",
     )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="train.seed of every trained row (initialisation, batches)"
+    )
     parser.add_argument("--threads", type=int, default=2)
 
 
@@ -264,6 +275,7 @@ def describe_budget(args: argparse.Namespace, model_cfg: EmbeddingModelConfig) -
         + (" (orthonormal start)" if model_cfg.projection_init == "orthonormal" else "")
         + (f", head alone for {args.freeze_backbone_steps} steps" if args.freeze_backbone_steps else "")
         + (f", layer decay {args.layer_decay:g}" if args.layer_decay else "")
+        + f", seed {args.seed}"
     )
 
 
@@ -271,7 +283,7 @@ def train_in_process(
     catalog: str,
     subset: Subset,
     model_cfg: EmbeddingModelConfig,
-    loss: dict[str, Any],
+    row: dict[str, Any],
     args: argparse.Namespace,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train with the finetune job's pieces in this process (see the module docstring); returns the model
@@ -304,8 +316,10 @@ def train_in_process(
                 "freeze_blocks": args.freeze_blocks,
                 "freeze_backbone_steps": args.freeze_backbone_steps,
                 "layer_decay": args.layer_decay,
-            },
-            "loss": loss,
+                "seed": args.seed,
+            }
+            | row.get("train", {}),
+            "loss": row["loss"],
             "weak_labels": {"target_size": 16, "min_size": 4},
         }
     )
@@ -590,6 +604,8 @@ def run_stem(name: str, args: argparse.Namespace) -> str:
         + (f"_head{args.freeze_backbone_steps}" if args.freeze_backbone_steps else "")
         + (f"_ld{args.layer_decay:g}" if args.layer_decay else "")
         + ("_ortho" if args.projection_init == "orthonormal" else "")
+        + ("_from-ssl" if args.init_from_ssl else "_with-ssl" if args.ssl_model else "")
+        + (f"_seed{args.seed}" if args.seed else "")
         + (
             f"_{args.embedding_dim}d"
             if args.embedding_dim != BACKBONES[args.backbone]["embedding_dim"]

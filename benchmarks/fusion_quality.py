@@ -2,15 +2,33 @@
 
 On the fashion-products composed set (queries TEMPLATED from real attributes: "same article type, in
 <colour>" and product-line colour variants), every model trains for the same steps, batch, learning rate
-and seed from random init, on the training product lines, and is evaluated on held-out product lines
+and seed from the same start, on the training product lines, and is evaluated on held-out product lines
 (their items are the references and the gallery). Reported: Recall@1/10/50, (R@10 + R@50) / 2, CFQ-style
 AUCs, and each fusion model's margin over every baseline.
+
+Where every row's image encoder starts (``--image-backbone``):
+
+- ``vit-tiny`` (default, the earlier results): a 2-block ViT from random init at 64 px, 4 x 4 tokens;
+- ``lite0``: the train_fusion job's start (jobs/configs/train_fusion_lite0.yaml), through the job's own
+  pieces: the bundled ImageNet EfficientNet-Lite0 at 128 px (4 x 4 tokens of 1280 channels), stem and first
+  5 of 7 stages frozen, BatchNorm statistics held, the weights' own normalisation, residual fusion weight
+  0.1 (``--img-size``, ``--freeze-blocks``, ``--residual-init-weight`` change them). It adds the row
+  ``image_only_as_is``: the pretrained pooled features with no step and an identity projection, i.e. plain
+  visual search on the reference image, text ignored. The trained ``image_only`` row ignores the text too
+  but is trained on the queries (to look past the changes they ask for); the untrained row is the floor a
+  pretrained start gives for free, and counts as a baseline in the margins.
+
+The text encoder is trained from scratch on the templated texts in every row; ``--caption-vocab ROOT``
+also trains the tokenizer's vocabulary on the Fashion IQ training captions (human-written): their words
+split into fewer pieces (the templated texts stay whole words either way), but the encoder never trains
+on them (there is no caption pretraining step).
 
 Model selection is done on validation, never on the test lines: ``--val-fraction 0.2 --split val``
 holds out 20% of the TRAINING product lines, trains without them and scores every row on them (the
 test lines are not evaluated). Settings chosen there (per row with ``--override``, e.g.
 ``concat.composer_lr_scale=4``) are then run with ``--split test`` (``--val-fraction 0``: training on all
-training lines) on several seeds; every baseline gets the same settings grid on validation.
+training lines) on several seeds; every baseline gets the same settings grid on validation. The image
+backbone, its settings and ``--caption-vocab`` are the same in the validation and the test runs.
 
 Besides the means, every run keeps each query's first-hit rank per row (``hit_ranks.npz``, with
 ``queries.json``) and reports each fusion row's margin over each baseline with a 95% interval from a
@@ -22,12 +40,36 @@ It runs the train_fusion job's own loop pieces (:func:`visuray.fusion.loop.train
     .venv/bin/python benchmarks/fusion_quality.py --catalog runs/catalogs/fashion-products \\
         --out runs/benchmarks/fusion_quality [--steps 150 --max-items 2500 --depths 1 2 4]
     # selection on validation (test lines untouched), one run per setting of the grid:
-    .venv/bin/python benchmarks/fusion_quality.py --catalog runs/catalogs/fashion-products --steps 300 \
+    .venv/bin/python benchmarks/fusion_quality.py --catalog runs/catalogs/fashion-products --steps 300 \\
         --max-items 1500 --val-fraction 0.2 --split val --composer-lr-scale 4 --out runs/benchmarks/fq_val/scale4
     # the whole catalog, two seeds, then pooled:
-    .venv/bin/python benchmarks/fusion_quality.py --catalog runs/catalogs/fashion-products --steps 1000 \
+    .venv/bin/python benchmarks/fusion_quality.py --catalog runs/catalogs/fashion-products --steps 1000 \\
         --batch-size 64 --max-items 20000 --threads 1 --seed 0 --out runs/benchmarks/fq_full/seed0
     .venv/bin/python benchmarks/fusion_quality.py --summarise runs/benchmarks/fq_full/seed0 runs/benchmarks/fq_full/seed1
+
+The pretrained start at the same budget (the whole catalog, 1,000 steps, batch 64). On one CPU core a
+Lite0 step at batch 64 costs ~3.7 s (128 reference and target images through the frozen stages too) and
+evaluation ~18 ms per image, so each run below (10 trained rows + ``image_only_as_is``) takes ~11-12 h;
+two run side by side on a 2-core machine, one thread each (~23 h in all, longer when the cores are shared):
+
+    # 1. validation, seed 0, one run per setting of the grid (both at once):
+    .venv/bin/python benchmarks/fusion_quality.py --catalog runs/catalogs/fashion-products \\
+        --image-backbone lite0 --steps 1000 --batch-size 64 --max-items 20000 --threads 1 --seed 0 \\
+        --val-fraction 0.2 --split val --composer-lr-scale 1 --out runs/benchmarks/fq_lite0_val/scale1
+    .venv/bin/python benchmarks/fusion_quality.py --catalog runs/catalogs/fashion-products \\
+        --image-backbone lite0 --steps 1000 --batch-size 64 --max-items 20000 --threads 1 --seed 0 \\
+        --val-fraction 0.2 --split val --composer-lr-scale 4 --out runs/benchmarks/fq_lite0_val/scale4
+    # 2. test, once per seed (both at once), each row at its validation choice, e.g. if scale 4 won for tirg
+    #    and maaf only: --composer-lr-scale 1 --override tirg.composer_lr_scale=4 maaf.composer_lr_scale=4
+    .venv/bin/python benchmarks/fusion_quality.py --catalog runs/catalogs/fashion-products \\
+        --image-backbone lite0 --steps 1000 --batch-size 64 --max-items 20000 --threads 1 --seed 0 \\
+        [--override ...] --out runs/benchmarks/fq_lite0_full/seed0
+    .venv/bin/python benchmarks/fusion_quality.py --catalog runs/catalogs/fashion-products \\
+        --image-backbone lite0 --steps 1000 --batch-size 64 --max-items 20000 --threads 1 --seed 1 \\
+        [--override ...] --out runs/benchmarks/fq_lite0_full/seed1
+    # 3. pooled over both seeds' queries:
+    .venv/bin/python benchmarks/fusion_quality.py --summarise runs/benchmarks/fq_lite0_full/seed0 \\
+        runs/benchmarks/fq_lite0_full/seed1
 """
 
 from __future__ import annotations
@@ -41,6 +83,25 @@ from typing import Any
 
 BASELINES = ["image_only", "text_only", "concat", "tirg"]
 FUSIONS = ["maaf", "residual"]
+# The pretrained encoder's pooled features compared as they are (no step, identity projection): what plain
+# visual search over the reference image returns. A baseline in the margins; only with a pretrained start.
+AS_IS = "image_only_as_is"
+
+# The settings that follow from where the image encoder starts (left unset on the command line):
+# - vit-tiny: a 2-block ViT from random init at 64 px (16 px patches, 4 x 4 tokens), every block trained,
+#   the residual fusion's text weight at 1 (there is no good image embedding to protect);
+# - lite0: the train_fusion job's pretrained start (jobs/configs/train_fusion_lite0.yaml): ImageNet
+#   EfficientNet-Lite0 at 128 px (4 x 4 tokens of 1280 channels, the demo's size: CPU-cheap), stem and
+#   first 5 of 7 stages frozen, BatchNorm statistics held at the pretrained ones, residual weight 0.1.
+BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "vit-tiny": {"img_size": 64, "freeze_blocks": 0, "residual_init_weight": 1.0},
+    "lite0": {"img_size": 128, "freeze_blocks": 5, "residual_init_weight": 0.1},
+}
+
+
+def is_baseline(name: str) -> bool:
+    """Whether a row is one the fusion rows are measured against (margins, "best baseline")."""
+    return name in BASELINES or name == AS_IS
 
 
 def parse_args() -> argparse.Namespace:
@@ -59,13 +120,33 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--max-items", type=int, default=2500, help="catalog subset (whole product lines)")
     parser.add_argument("--test-fraction", type=float, default=0.3, help="held-out product lines")
-    parser.add_argument("--img-size", type=int, default=64)
-    parser.add_argument("--patch-size", type=int, default=16, help="16 px patches: 4 x 4 tokens at 64 px")
-    parser.add_argument("--vit-depth", type=int, default=2)
+    parser.add_argument(
+        "--image-backbone",
+        choices=sorted(BACKBONE_DEFAULTS),
+        default="vit-tiny",
+        help="every row's image encoder: vit-tiny from random init (the earlier results), or lite0, the "
+        "bundled ImageNet EfficientNet-Lite0 started as the train_fusion job starts it",
+    )
+    parser.add_argument("--img-size", type=int, help="default 64 (vit-tiny) / 128 (lite0)")
+    parser.add_argument(
+        "--patch-size", type=int, default=16, help="vit-tiny only: 16 px patches, 4 x 4 tokens at 64 px"
+    )
+    parser.add_argument("--vit-depth", type=int, default=2, help="vit-tiny only")
+    parser.add_argument(
+        "--freeze-blocks",
+        type=int,
+        help="image block groups (stem included) kept frozen: default 0 (vit-tiny) / 5 of 7 stages (lite0: "
+        "each query costs two images' forward passes, and the early stages' ImageNet filters are generic)",
+    )
     parser.add_argument(
         "--depths", type=int, nargs="+", default=[1, 2, 4], help="fusion depths of maaf/residual"
     )
-    parser.add_argument("--models", nargs="+", default=BASELINES + FUSIONS)
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=BASELINES + FUSIONS + [AS_IS],
+        help=f"rows; default all (with lite0 also {AS_IS}: the pretrained features untrained)",
+    )
     parser.add_argument(
         "--val-fraction",
         type=float,
@@ -75,13 +156,25 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--split", choices=["test", "val"], default="test", help="where rows are scored")
     parser.add_argument("--composer-lr-scale", type=float, default=1.0, help="lr multiplier of the composer")
-    parser.add_argument("--residual-init-weight", type=float, default=1.0, help="residual fusion only")
+    parser.add_argument(
+        "--residual-init-weight",
+        type=float,
+        help="residual fusion only; default 1.0 (vit-tiny) / 0.1 (lite0)",
+    )
     parser.add_argument(
         "--fusion-gate",
         action="store_true",
         help="maaf/residual rows with the preservation gate (model.fusion_gate); their names get +gate",
     )
     parser.add_argument("--text-depth", type=int, default=2)
+    parser.add_argument(
+        "--caption-vocab",
+        metavar="FASHION_IQ_ROOT",
+        help="also train the tokenizer's vocabulary on the human-written Fashion IQ captions (their train "
+        "split, e.g. /work/shared/data/fashion-iq-captions): caption words then split into fewer pieces. "
+        "The text encoder still trains on the templated queries only (there is no caption pretraining "
+        "step), so this readies the vocabulary for real captions; it teaches the model nothing of them",
+    )
     parser.add_argument("--fusion-dropout", type=float, default=0.1)
     parser.add_argument(
         "--override",
@@ -98,7 +191,16 @@ def parse_args() -> argparse.Namespace:
         default="cpu",
         help="torch device of every model (cpu, cuda); the image cache stays on the host",
     )
-    return parser.parse_args()
+    args = parser.parse_args()
+    for key, value in BACKBONE_DEFAULTS[args.image_backbone].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.models is None:
+        # The untrained row first: it costs an evaluation only, and is the floor every row must beat.
+        args.models = ([AS_IS] if args.image_backbone == "lite0" else []) + BASELINES + FUSIONS
+    if AS_IS in args.models and args.image_backbone == "vit-tiny":
+        parser.error(f"{AS_IS} needs a pretrained image encoder (--image-backbone lite0)")
+    return args
 
 
 OVERRIDE_KEYS = ("lr", "composer_lr_scale", "residual_init_weight")
@@ -117,9 +219,25 @@ def overrides_of(args: argparse.Namespace, row: str) -> dict[str, float]:
     return picked
 
 
+def backbone_section(args: argparse.Namespace) -> dict[str, Any]:
+    """The job config's ``model.backbone`` for ``--image-backbone``; BatchNorm statistics stay ``auto``
+    (held at the pretrained ones when there are weights, as the job does)."""
+    if args.image_backbone == "lite0":
+        # The architecture and weights of jobs/configs/train_fusion_lite0.yaml; a CNN takes no ViT overrides.
+        return {"name": "tf_efficientnet_lite0", "weights": "efficientnet_lite0", "img_size": args.img_size}
+    return {
+        "name": "vit_tiny_patch16_224",
+        "weights": None,
+        "img_size": args.img_size,
+        "patch_size": args.patch_size,
+        "depth": args.vit_depth,
+    }
+
+
 def config_for(
     args: argparse.Namespace, catalog: str, fusion: str, depth: int, override: dict[str, float] | None = None
 ) -> Any:
+    """The train_fusion job config of one row (``fusion`` a job fusion name, not :data:`AS_IS`)."""
     from visuray.config import validate_config
     from visuray.fusion.config import FusionTrainConfig
 
@@ -136,12 +254,7 @@ def config_for(
                 "seed": args.seed,
             },
             "model": {
-                "backbone": {
-                    "name": "vit_tiny_patch16_224",
-                    "img_size": args.img_size,
-                    "patch_size": args.patch_size,
-                    "depth": args.vit_depth,
-                },
+                "backbone": backbone_section(args),
                 "text": {
                     "width": 128,
                     "depth": args.text_depth,
@@ -161,6 +274,7 @@ def config_for(
                 "lr": o.get("lr", args.lr),
                 "composer_lr_scale": o.get("composer_lr_scale", args.composer_lr_scale),
                 "warmup_steps": max(1, args.steps // 10),
+                "freeze_blocks": args.freeze_blocks,
                 "seed": args.seed,
                 "checkpoint_every": args.steps,
             },
@@ -191,7 +305,7 @@ def paired_margins(
     sizes = np.bincount(cluster_index, minlength=n_clusters)
     out: list[dict[str, Any]] = []
     for fusion in (name for name in hit_ranks if name.split("-d")[0] in FUSIONS):
-        for baseline in (name for name in hit_ranks if name in BASELINES):
+        for baseline in (name for name in hit_ranks if is_baseline(name)):
             row: dict[str, Any] = {"model": fusion, "over": baseline}
             diffs = {}
             for k in ks:
@@ -275,10 +389,19 @@ def main() -> None:
 
     from visuray.catalog.readers import load_catalog_frame
     from visuray.fusion.data import ImageTensorCache, build_fusion_data, load_items, prepare_tokenizer
-    from visuray.fusion.datasets import TEMPLATED_TEXT_NOTE
+    from visuray.fusion.datasets import TEMPLATED_TEXT_NOTE, read_fashion_iq
     from visuray.fusion.evaluate import evaluate
     from visuray.fusion.html_report import comparison_table, render_report
-    from visuray.fusion.loop import build_objective, optimizer_for, train_steps
+    from visuray.fusion.loop import (
+        build_objective,
+        image_backbone,
+        init_pretrained_parts,
+        optimizer_for,
+        train_steps,
+    )
+    from visuray.models.backbone import create_backbone
+    from visuray.models.embedding import orthonormal_projection_
+    from visuray.models.weights import check_pretrained, prepare_for_training
 
     args = parse_args()
     if args.summarise:
@@ -295,20 +418,27 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     base = config_for(args, args.catalog, "maaf", 1)
     started = time.monotonic()
+    # As the job's driver does: the weights are read and checked once, and their own mean and std
+    # recorded (ImageNet's for random init), before any row is built from them.
+    backbone = check_pretrained(base.model.backbone, base.storage)
     items, texts = load_items(args.catalog, base.data)
+    if args.caption_vocab:
+        # Each caption on its own: joined pairs would make the joining "and" the commonest word.
+        texts += [c for t in read_fashion_iq(args.caption_vocab, "train") for c in t.captions if c.strip()]
     data = build_fusion_data(items, base.data)
     tokenizer = prepare_tokenizer(base, texts, data)
-    cache = ImageTensorCache(args.catalog, data.all_ids(), args.img_size)
+    cache = ImageTensorCache(args.catalog, data.all_ids(), backbone.input_spec)
     setup_s = time.monotonic() - started
     scored_items, scored_queries = data.held_out(args.split)
     print(
         f"{len(data.train_items)} train / {len(data.val_items)} val / {len(data.test_items)} test items, "
         f"{len(data.train_queries)} train / {len(data.val_queries)} val / {len(data.test_queries)} test "
-        f"queries; scored on {args.split}; vocab {tokenizer.vocab_size}, setup {setup_s:.0f}s",
+        f"queries; scored on {args.split}; vocab {tokenizer.vocab_size}, {args.image_backbone} at "
+        f"{args.img_size} px, setup {setup_s:.0f}s",
         flush=True,
     )
 
-    runs = [(m, 0) for m in args.models if m in BASELINES]
+    runs = [(m, 0) for m in args.models if is_baseline(m)]
     runs += [(m, d) for m in args.models if m in FUSIONS for d in args.depths]
     rows: list[dict[str, Any]] = []
     examples_of: dict[str, Any] = {}
@@ -316,26 +446,44 @@ def main() -> None:
     for fusion, depth in runs:
         name = fusion if depth == 0 else f"{fusion}-d{depth}" + ("+gate" if args.fusion_gate else "")
         override = overrides_of(args, name)
-        cfg = config_for(args, args.catalog, fusion, max(depth, 1), override)
+        cfg = config_for(
+            args, args.catalog, "image_only" if fusion == AS_IS else fusion, max(depth, 1), override
+        )
+        cfg.model.backbone = backbone
         cfg.model.text.vocab_size = tokenizer.vocab_size
+        if fusion == AS_IS:  # the embedding is the pooled features themselves
+            cfg.model.embed_dim = create_backbone(backbone).num_features
         torch.manual_seed(args.seed)
-        objective = build_objective(cfg).to(args.device)
-        optimizer = optimizer_for(objective, cfg.train)
+        objective = build_objective(cfg)
+        # The job's start of a fresh run: starting weights (none for random init), then the frozen
+        # blocks and the BatchNorm policy.
+        init_pretrained_parts(objective.model, cfg)
+        prepare_for_training(
+            objective.model.image_encoder.backbone,
+            image_backbone(cfg),
+            resumed=True,
+            freeze_blocks=cfg.train.freeze_blocks,
+        )
+        if fusion == AS_IS:  # width -> width: the identity, so ranking is by the pooled features as they are
+            orthonormal_projection_(objective.model.target_projection, torch.Generator().manual_seed(0))
+        objective.to(args.device)
         losses: list[float] = []
         t0 = time.monotonic()
-        train_steps(
-            objective,
-            optimizer,
-            data.train_queries,
-            cache,
-            tokenizer,
-            cfg.train,
-            0,
-            args.device,
-            lambda step, loss, lr, losses=losses: losses.append(float(loss)),
-        )
+        if fusion != AS_IS:
+            train_steps(
+                objective,
+                optimizer_for(objective, cfg.train),
+                data.train_queries,
+                cache,
+                tokenizer,
+                cfg.train,
+                0,
+                args.device,
+                lambda step, loss, lr, losses=losses: losses.append(float(loss)),
+            )
         train_s = time.monotonic() - t0
         held_out = evaluate(objective.model, cache, tokenizer, data, cfg.eval, args.split)
+        eval_s = time.monotonic() - t0 - train_s
         hit_ranks[name] = held_out.hit_ranks
         examples = held_out.examples
         m = {k.split("/", 1)[1]: v for k, v in held_out.metrics.items()}
@@ -351,8 +499,10 @@ def main() -> None:
             "type+colour R@10": m.get("kind/type_colour/recall@10", float("nan")),
             "CFQ caption AUC": m.get("cfq/caption_auc", float("nan")),
             "CFQ image AUC": m.get("cfq/image_auc", float("nan")),
-            "final loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
+            "final loss": sum(losses[-10:]) / len(losses[-10:]) if losses else float("nan"),
             "train s": round(train_s, 1),
+            "s/step": round(train_s / len(losses), 3) if losses else float("nan"),
+            "eval s": round(eval_s, 1),
             "params (M)": round(sum(p.numel() for p in objective.parameters()) / 1e6, 2),
         }
         rows.append(row)
@@ -364,9 +514,9 @@ def main() -> None:
         json.dumps([{"reference_id": q.reference_id, "kind": q.kind} for q in scored_queries])
     )
 
-    baseline_rows = [r for r in rows if r["model"] in BASELINES]
+    baseline_rows = [r for r in rows if is_baseline(r["model"])]
     for row in rows:
-        if row["model"] not in BASELINES and baseline_rows:  # a run of fusion rows only has no margins
+        if not is_baseline(row["model"]) and baseline_rows:  # a run of fusion rows only has no margins
             for k in ("R@10", "R@50"):
                 row[f"{k} - best baseline"] = row[k] - max(r[k] for r in baseline_rows)
     margins = paired_margins(hit_ranks, [q.reference_id for q in scored_queries], seed=args.seed)
@@ -399,7 +549,7 @@ def main() -> None:
     frame = load_catalog_frame(args.catalog, columns=["item_id", "image"])
     images = {i: b for i, b in zip(frame["item_id"], frame["image"], strict=True) if i in wanted}
     best = max(
-        (r for r in rows if r["model"] not in BASELINES), key=lambda r: r["(R@10+R@50)/2"], default=rows[0]
+        (r for r in rows if not is_baseline(r["model"])), key=lambda r: r["(R@10+R@50)/2"], default=rows[0]
     )
     html = render_report(
         title=f"Composed retrieval benchmark (fashion-products, {args.split} product lines)",

@@ -30,7 +30,10 @@ Data: the fashion-products catalog (9,583 studio photos; label = ``articleType``
   eval mode normalises with the init's running statistics 0/1); the pretrained backbone
   (``visuray.models.embedding.load_embedding_model``), as published (its BatchNorm statistics are the
   teacher's running averages over augmented training crops) and with BatchNorm re-estimated like the
-  random row.
+  random row. With ``--start-weights`` (a run continued from pretrained weights, e.g. the pretrain job's
+  ``pretrain_lite0.yaml`` from ``efficientnet_lite0``): the starting weights as they are, and the margin
+  DINO - starting weights, the question "did the self-supervised adaptation add anything?". Every row is
+  fed with the artifact's recorded input statistics (a pretrained start's own mean and std).
 - Margin pretrained - random init, paired: k-NN over the same test items (per-item correctness
   difference), few-shot over the same episodes (per-episode accuracy difference); mean and 95% CI.
   Reported as published vs random init as is, and BN re-estimated vs BN re-estimated (the like-for-like
@@ -50,14 +53,18 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from visuray.images import InputSpec
 
 RANDOM = "random init"
 RANDOM_BN = "random init, BN re-estimated"
 PRETRAINED = "DINO pretrained"
 PRETRAINED_BN = "DINO pretrained, BN re-estimated"
+START = "starting weights as is"  # --start-weights: what DINO continued from, untrained
 PIXELS = "raw pixels (16x16 RGB)"
 
 
@@ -84,7 +91,7 @@ def heldout_rows(
 # ---------------------------------------------------------------- features
 
 
-def backbone_features(backbone: Any, images: list[bytes], img_size: int) -> np.ndarray:
+def backbone_features(backbone: Any, images: list[bytes], img_size: InputSpec | int) -> np.ndarray:
     """Pooled backbone features of encoded images, with the evaluation/serving preprocessing."""
     from visuray.evaluation.baselines import embed_images_in_process
 
@@ -94,7 +101,7 @@ def backbone_features(backbone: Any, images: list[bytes], img_size: int) -> np.n
     return embed_images_in_process(images, pooled, img_size, batch=128)
 
 
-def reestimate_batchnorm(backbone: Any, images: list[bytes], img_size: int) -> Any:
+def reestimate_batchnorm(backbone: Any, images: list[bytes], img_size: InputSpec | int) -> Any:
     """A copy of ``backbone`` whose BatchNorm running statistics are the plain average over ``images``,
     in eval mode; weights untouched. A no-op copy for models without BatchNorm."""
     import copy
@@ -193,7 +200,8 @@ def evaluate_rows(
         table[name]["dim"] = float(feats.shape[1])
         print(f"  {name}: " + ", ".join(f"{k} {table[name][k]:.3f}" for k in values), flush=True)
     margins: dict[str, dict[str, float]] = {}
-    for top, base in ((PRETRAINED, RANDOM), (PRETRAINED, RANDOM_BN), (PRETRAINED_BN, RANDOM_BN)):
+    pairs = ((PRETRAINED, RANDOM), (PRETRAINED, RANDOM_BN), (PRETRAINED_BN, RANDOM_BN), (PRETRAINED, START))
+    for top, base in pairs:
         if top in per and base in per:
             margins[f"{top} - {base}"] = {}
             for key in per[top]:
@@ -255,6 +263,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="folder for the baseline rows' features (raw pixels, random init), reused when the catalog, "
         "backbone and seed match, so that evaluating several checkpoints embeds them once",
     )
+    parser.add_argument(
+        "--start-weights",
+        default=None,
+        help="the weights the pretrain job continued from (e.g. efficientnet_lite0): adds their row, as "
+        "is, and the margin DINO - starting weights (is the self-supervised adaptation worth it?)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -263,6 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from visuray.evaluation.baselines import raw_pixel_embedding
     from visuray.models.backbone import create_backbone
     from visuray.models.embedding import load_embedding_model, read_model_config
+    from visuray.models.weights import load_pretrained
 
     started = time.monotonic()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -274,7 +289,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     pretrained, artifact = load_embedding_model(args.model)
     backbone_cfg = read_model_config(artifact).backbone
-    img_size = backbone_cfg.img_size
+    # The recorded input statistics (a pretrained start's own mean/std), for every row alike.
+    img_size = backbone_cfg.input_spec
     torch.manual_seed(args.seed)
     random_backbone = create_backbone(backbone_cfg).eval()
 
@@ -300,6 +316,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             np.save(cached, rows[name])
+    if args.start_weights:
+        start_cfg = backbone_cfg.model_copy(update={"weights": args.start_weights, "weights_layout": "auto"})
+        start = create_backbone(start_cfg)
+        load_pretrained(start, start_cfg)
+        rows[START] = backbone_features(start.eval(), images, img_size)
     rows[PRETRAINED] = backbone_features(pretrained.backbone, images, img_size)
     rows[PRETRAINED_BN] = backbone_features(
         reestimate_batchnorm(pretrained.backbone, images, img_size), images, img_size

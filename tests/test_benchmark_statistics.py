@@ -166,3 +166,76 @@ def test_paired_margin_is_a_bootstrap_over_queries_with_one_resample_for_both_ro
         drawn = [int(i) for i in draws.integers(0, 60, 60) if valid[i]]
         boot.append(np.mean(a[drawn]) - np.mean(b[drawn]))
     assert got["ci95"] == pytest.approx(list(np.percentile(boot, [2.5, 97.5])))
+
+
+@pytest.mark.unit
+def test_seed_margins_average_each_query_over_seeds_before_the_paired_bootstrap(tmp_path: Path) -> None:
+    sm = load_benchmark("seed_margins")
+    rng = np.random.default_rng(5)
+    n = 60
+    ap_nan = rng.random(n) < 0.1  # queries with no relevant item: NaN AP@R in every row alike
+
+    def row(p_hit: float) -> dict[str, np.ndarray]:
+        ap = np.where(ap_nan, np.nan, rng.random(n))
+        return {"hit@1": (rng.random(n) < p_hit).astype(float), "ap@r": ap}
+
+    seeds = [{"new": row(0.7), "old": row(0.5)}, {"new": row(0.6), "old": row(0.5)}]
+    baseline = row(0.4)
+    files = []
+    for i, rows in enumerate(seeds):
+        if i == 0:
+            rows = rows | {"pixels": baseline}  # an untrained row lives in the seed-0 file only
+        arrays = {f"(a) {name} {key}": v for name, d in rows.items() for key, v in d.items()}
+        files.append(str(tmp_path / f"seed{i}.npz"))
+        np.savez(files[-1], **arrays)
+
+    margins = sm.main([*files, "--pair", "(a) new", "(a) old", "--pair", "(a) new", "(a) pixels"])
+
+    counts = sm.bootstrap_counts(n)
+    for m, other in zip(margins, ([s["old"] for s in seeds], [baseline, baseline]), strict=True):
+        assert m["seeds"] == ((2, 2) if other[0] is not baseline else (2, 1))
+        for metric, key in (("Recall@1", "hit@1"), ("MAP@R", "ap@r")):
+            mine = (seeds[0]["new"][key] + seeds[1]["new"][key]) / 2
+            diff = mine - (other[0][key] + other[1][key]) / 2
+            valid = ~np.isnan(diff)
+            assert m[metric]["margin"] == pytest.approx(diff[valid].mean())
+            # Slow reference: one resample at a time, the mean of the drawn queries' differences.
+            boot = [np.sum(c[valid] * diff[valid]) / np.sum(c[valid]) for c in counts]
+            assert m[metric]["ci95"] == pytest.approx(list(np.percentile(boot, [2.5, 97.5])))
+            per_seed = [np.nanmean(seeds[i]["new"][key] - other[i][key]) for i in range(2)]
+            assert m[f"{metric} per seed"] == pytest.approx(per_seed)
+
+
+@pytest.mark.unit
+def test_seed_margins_refuse_an_unknown_row_and_files_of_other_query_sets(tmp_path: Path) -> None:
+    sm = load_benchmark("seed_margins")
+    np.savez(tmp_path / "a.npz", **{"x hit@1": np.ones(3), "x ap@r": np.ones(3)})
+    np.savez(tmp_path / "b.npz", **{"x hit@1": np.ones(4), "x ap@r": np.ones(4)})
+    with pytest.raises(SystemExit, match="no row 'y'.*rows: \\['x'\\]"):
+        sm.main([str(tmp_path / "a.npz"), "--pair", "x", "y"])
+    with pytest.raises(SystemExit, match="different query sets"):
+        sm.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--pair", "x", "x"])
+    # Rows of other sizes in the same file (another task) are no obstacle to a pair of equal sizes.
+    np.savez(tmp_path / "c.npz", **{"x hit@1": np.ones(3), "x ap@r": np.ones(3), "z hit@1": np.ones(4)})
+    (margin,) = sm.main([str(tmp_path / "c.npz"), "--pair", "x", "x"])
+    assert margin["Recall@1"]["margin"] == 0.0
+
+
+@pytest.mark.unit
+def test_resampled_attribute_aucs_equal_roc_auc_on_materialised_resamples() -> None:
+    from visuray.attributes.metrics import roc_auc
+
+    aq = load_benchmark("attributes_quality")
+    rng = np.random.default_rng(11)
+    n, labels = 50, [0, 2]
+    scores = np.round(rng.random((n, 3)), 1)  # rounded: ties between products, which count one half
+    targets = (rng.random((n, 3)) < 0.4).astype(np.float32)
+    known = rng.random((n, 3)) < 0.8  # unknown labels are left out of that label's AUC
+    counts = aq.bootstrap_counts(n, n_boot=20, seed=4)
+    aucs = aq.resampled_aucs(scores, targets, known, labels, counts)
+    assert aucs.shape == (21, 2)
+    for r, weights in enumerate([np.ones(n, dtype=np.int64), *counts]):
+        for k, j in enumerate(labels):
+            rows = np.repeat(np.flatnonzero(known[:, j]), weights[known[:, j]])
+            expected = roc_auc(targets[rows, j], scores[rows, j])
+            assert aucs[r, k] == pytest.approx(expected, nan_ok=True)

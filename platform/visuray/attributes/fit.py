@@ -8,7 +8,7 @@ the same way.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -76,9 +76,12 @@ def fit_in_process(
     warmup_steps: int = 0,
     clip_grad_norm: float | None = 3.0,
     seed: int = 0,
+    composite: Callable[[torch.Tensor, list[int], int], torch.Tensor] | None = None,
 ) -> list[float]:
     """Train ``model`` in this process on uint8 ``images`` (N, 3, S, S), normalised by the model's input
-    ``spec``; returns the loss of every step."""
+    ``spec``; returns the loss of every step. ``composite(batch, rows, step)``, when given, edits each
+    uint8 batch before the flips and shifts (e.g. :class:`visuray.attributes.backgrounds.BackgroundCompositing`);
+    it draws from its own generator, so the flips and shifts are those of a run without it."""
     import torch
 
     from visuray.attributes.data import augment, batch_indices
@@ -95,7 +98,8 @@ def fit_in_process(
     model.train()
     for step in range(steps):
         rows = batch_indices(len(images), batch_size, seed, step)
-        batch = spec.normalise(augment(images[rows], generator))
+        pixels = images[rows] if composite is None else composite(images[rows], rows, step)
+        batch = spec.normalise(augment(pixels, generator))
         loss = training_step(
             model, optimizer, loss_fn, batch, t_targets[rows], t_known[rows], schedule[step], clip_grad_norm
         )
