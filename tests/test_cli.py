@@ -67,6 +67,20 @@ def test_print_config_shows_resolved_overrides():
     assert "steps: 123" in proc.stdout
 
 
+def test_overrides_are_accepted_after_an_option_and_strays_are_still_refused():
+    proc = visuray(
+        "run", "jobs/configs/finetune_lite0.yaml", "train.steps=123", "--print-config", "train.lr=0.0007"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "steps: 123" in proc.stdout and "lr: 0.0007" in proc.stdout
+    proc = visuray(
+        "run", "jobs/configs/finetune_lite0.yaml", "--print-config", "--no-such-flag", "train.lr=1"
+    )
+    assert proc.returncode == 2 and "unrecognized arguments: --no-such-flag" in proc.stderr
+    proc = visuray("demo", "train.lr=1")  # a command without overrides takes none
+    assert proc.returncode == 2 and "unrecognized arguments: train.lr=1" in proc.stderr
+
+
 def test_ingest_of_corrupt_folder_fails_cleanly_without_output(tmp_path):
     src = tmp_path / "images" / "shirts"
     src.mkdir(parents=True)
